@@ -1,0 +1,60 @@
+"""fastmux: a Python event loop for TCP and Unix-socket servers and clients.
+
+The hot path is a C core (edge-triggered epoll, framing, batched delivery,
+coalesced writes) built through cffi; elsewhere the same API runs on a
+pure-Python ``selectors`` backend.  See README.md.
+"""
+
+from __future__ import annotations
+
+from ._backend import epoll_available
+from ._errors import (
+    BackendUnavailable,
+    ConnectionClosed,
+    FastmuxError,
+    IdleTimeout,
+    MessageTooLarge,
+    WriteBufferFull,
+)
+from ._framing import DEFAULT_MAX_SIZE, Delimiter, Fixed, Framing, LengthPrefixed, Lines, Raw
+from ._loop import (
+    DEFAULT_MAX_WRITE_BUFFER,
+    Connection,
+    Handle,
+    Handler,
+    Loop,
+    Server,
+    TimerHandle,
+)
+
+try:
+    from importlib.metadata import PackageNotFoundError, version as _version
+
+    __version__ = _version("fastmux")
+except PackageNotFoundError:  # running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "Loop",
+    "Handler",
+    "Connection",
+    "Server",
+    "Handle",
+    "TimerHandle",
+    "Framing",
+    "Raw",
+    "Lines",
+    "Delimiter",
+    "LengthPrefixed",
+    "Fixed",
+    "FastmuxError",
+    "MessageTooLarge",
+    "ConnectionClosed",
+    "BackendUnavailable",
+    "WriteBufferFull",
+    "IdleTimeout",
+    "DEFAULT_MAX_SIZE",
+    "DEFAULT_MAX_WRITE_BUFFER",
+    "epoll_available",
+    "__version__",
+]

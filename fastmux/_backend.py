@@ -1,0 +1,208 @@
+"""The backend seam: what the loop asks of an I/O core, and how one is chosen.
+
+A backend owns all I/O on the fds handed to it.  ``_loop.Loop`` is written once
+on top of this protocol; ``_epoll.EpollBackend`` forwards each method to the C
+core (csrc/fastmux.h, one cffi call each) and ``_select.SelectBackend``
+implements the very same semantics in pure Python on ``selectors``.  The
+select backend is the behavioural oracle: whatever it does, the C core does.
+
+Ids
+    Connections, listeners and watches are named by small non-negative ints
+    ("slots").  A connection id stays valid, and is not reused, until the
+    loop has been handed the EV_CLOSED event for it *and* the next ``poll``
+    has started.  Calls on a connection that has closed are harmless: they
+    return a negative errno (EBADF/EPIPE) and do nothing.
+
+The batch
+    ``poll(timeout)`` returns ``(n, kinds, ids, starts, ends, blob)``: n events
+    as four parallel sequences plus one ``bytes`` object.  For EV_MSG the
+    payload is ``blob[start:end]``.  Events of one connection are in stream
+    order; ACCEPT/CONNECTED come before any MSG of that connection; CLOSED is
+    its last event.  Event kinds and the meaning of start/end are the
+    ``EV_*`` constants below (the same numbers as FM_EV_* in fastmux.h).
+
+Reading (edge-triggered rules, identical on both backends)
+    * A readable connection is read until EAGAIN, a short read, EOF, or its
+      per-poll budget (READ_BUDGET bytes); a connection stopped early is
+      remembered on the core's ready list and the next poll does not block.
+    * Bytes are split by the connection's framing (see ``framing_new``);
+      complete messages become EV_MSG, an incomplete tail is kept.  A message
+      over ``max_size`` (or a length header announcing more) closes the
+      connection at once: messages before it are delivered, then
+      EV_CLOSED(start=0, end=R_TOOLARGE).
+    * Peer FIN: after every complete message, one EV_EOF (the incomplete
+      tail is discarded).  The connection stays writable.  EV_EOF is not
+      delivered while the connection is paused.
+    * A read/write error (reset, broken pipe): messages already read are
+      delivered, then EV_CLOSED(start=errno, end=R_ERROR); the fd is closed.
+    * A paused connection is neither read nor framed; ``resume`` puts it on
+      the ready list so buffered bytes are framed and delivered even if no
+      new byte arrives.
+
+Writing
+    * ``send(cid, data)`` appends to the connection's output queue and, if
+      the queue was empty and the connection is connected, sends at once
+      (MSG_NOSIGNAL); only the unsent tail stays queued and goes out when the
+      socket is writable.  Returns the bytes still queued, or -errno when the
+      connection cannot send any more (closed, closing, shut down, reset).
+      The caller (the loop) coalesces: it calls send once per connection per
+      iteration with everything written during that iteration.
+    * Before a connecting connection is up, sent data is queued.
+    * Write limits (default high 64 KiB, low 16 KiB): once the queue has
+      exceeded ``high``, EV_DRAIN is emitted once when it falls to ``low``
+      or below.  ``max_write_buffer`` (0: unlimited): a queue above it
+      closes the connection with EV_CLOSED(end=R_WBUFFULL).
+
+Closing
+    * ``close(cid)``: stop reading, flush the queue, then close the fd and
+      emit EV_CLOSED(0, R_NONE) (or (errno, R_ERROR) if flushing fails).
+    * ``abort(cid)``: close the fd now, drop the queue; EV_CLOSED(0, R_NONE)
+      is emitted by the next poll.
+    * ``shutdown(cid)``: shutdown(SHUT_WR) once the queue is empty.
+    * Every connection gets exactly one EV_CLOSED.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Protocol, Sequence, Tuple
+
+from ._errors import BackendUnavailable
+
+# Event kinds -- must equal FM_EV_* in csrc/fastmux.h (a test checks).
+EV_MSG = 1  # id=conn; blob[start:end] is the payload
+EV_ACCEPT = 2  # id=new conn; start=listener id; end=fd
+EV_CONNECTED = 3  # id=conn
+EV_EOF = 4  # id=conn
+EV_CLOSED = 5  # id=conn; start=errno or 0; end=R_* reason
+EV_DRAIN = 6  # id=conn
+EV_READABLE = 7  # id=watch id
+
+# Close reasons -- FM_R_* in fastmux.h.
+R_NONE = 0
+R_ERROR = 1
+R_TOOLARGE = 2
+R_WBUFFULL = 3
+R_IDLE = 4
+
+# Framing kinds -- FM_FR_* in fastmux.h.
+FR_RAW = 0
+FR_DELIM = 1
+FR_LENGTH = 2
+FR_FIXED = 3
+
+# Limits shared by both backends (the C core reports its own through
+# fm_const and a test checks they agree).
+READ_BUDGET = 256 * 1024  # bytes read from one connection per poll
+ACCEPT_BUDGET = 128  # connections accepted from one listener per poll
+BATCH_MAX = 4096  # events in one batch
+READ_CHUNK = 64 * 1024  # bytes asked for by one recv
+DEFAULT_HIGH = 64 * 1024  # write queue high watermark
+DEFAULT_LOW = 16 * 1024  # write queue low watermark
+
+Batch = Tuple[int, Sequence[int], Sequence[int], Sequence[int], Sequence[int], bytes]
+
+
+class Backend(Protocol):
+    """The methods a backend provides.  See the module docstring."""
+
+    name: str
+
+    def poll(self, timeout: float | None) -> Batch:
+        """Wait up to `timeout` seconds (None: forever) and do all ready I/O."""
+
+    def has_pending(self) -> bool:
+        """True if the next poll has work without waiting (ready list, events)."""
+
+    def wakeup(self) -> None:
+        """Make a blocked or the next poll return; safe from any thread."""
+
+    def set_timer(self, deadline: float | None) -> None:
+        """Make fileno() readable at monotonic time `deadline` (None: never)."""
+
+    def fileno(self) -> int:
+        """An fd readable whenever poll(0) has work; NotImplementedError if none."""
+
+    def framing_new(self, kind: int, max_size: int, n: int, sep: bytes,
+                    little_endian: bool) -> int:
+        """Register a framing; n is the header size (LENGTH) or size (FIXED)."""
+
+    def listener_add(self, fd: int, framing: int, max_connections: int) -> int:
+        """Accept on fd (borrowed, never closed); max_connections < 0: none."""
+
+    def listener_set(self, lid: int, max_write_buffer: int, idle_timeout: float) -> None:
+        """Options applied to connections accepted from now on."""
+
+    def listener_remove(self, lid: int) -> None: ...
+
+    def conn_add(self, fd: int, framing: int, connecting: bool) -> int:
+        """Take ownership of a connected (or connecting) non-blocking fd."""
+
+    def conn_set(self, cid: int, max_write_buffer: int, idle_timeout: float) -> None: ...
+
+    def send(self, cid: int, data: bytes) -> int: ...
+
+    def close(self, cid: int) -> None: ...
+
+    def abort(self, cid: int) -> None: ...
+
+    def shutdown(self, cid: int) -> None: ...
+
+    def pause(self, cid: int) -> None: ...
+
+    def resume(self, cid: int) -> None: ...
+
+    def set_framing(self, cid: int, framing: int) -> None: ...
+
+    def pushback(self, cid: int, data: bytes, reemit_eof: bool) -> None: ...
+
+    def set_write_limits(self, cid: int, high: int, low: int) -> None: ...
+
+    def write_buffer_size(self, cid: int) -> int: ...
+
+    def conn_fd(self, cid: int) -> int: ...
+
+    def watch_add(self, fd: int) -> int: ...
+
+    def watch_remove(self, wid: int) -> None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def after_fork(self) -> None: ...
+
+    def close_all(self) -> None:
+        """Close every connection fd and the backend's own fds."""
+
+
+def epoll_available() -> bool:
+    """True if the compiled C core imports on this host."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        from . import _core  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_backend(name: str) -> Any:
+    """Build the backend called `name` ("auto", "epoll" or "select")."""
+    if name == "auto":
+        forced = os.environ.get("FASTMUX_BACKEND")
+        name = forced if forced else ("epoll" if epoll_available() else "select")
+    if name == "epoll":
+        if not epoll_available():
+            raise BackendUnavailable(
+                "the epoll backend needs Linux and the compiled C core "
+                "(fastmux._core); reinstall without FASTMUX_PURE=1 on Linux "
+                "with a C compiler"
+            )
+        from ._epoll import EpollBackend
+
+        return EpollBackend()
+    if name == "select":
+        from ._select import SelectBackend
+
+        return SelectBackend()
+    raise ValueError(f"unknown backend {name!r}: expected 'auto', 'epoll' or 'select'")

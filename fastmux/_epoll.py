@@ -1,0 +1,202 @@
+"""EpollBackend: the C core behind the Backend protocol.
+
+This is the only module that imports the compiled ``fastmux._core``.  Each
+method is one cffi call; ``poll`` makes one call per loop iteration and turns
+the C batch into Python sequences with four ``ffi.unpack`` calls and one
+copy of the message arena (research/cffi-core.md: about 85 ns a message).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from typing import Any
+
+from ._backend import Batch
+from ._core import ffi, lib  # type: ignore[import-not-found]
+
+_unpack = ffi.unpack
+_buffer = ffi.buffer
+
+
+def _check(rc: int) -> int:
+    if rc < 0 and rc != -_errno.EBADF:
+        raise OSError(-rc, os.strerror(-rc))
+    return rc
+
+
+class EpollBackend:
+    """The edge-triggered epoll core (csrc/)."""
+
+    name = "epoll"
+
+    def __init__(self) -> None:
+        loop = lib.fm_loop_new()
+        if loop == ffi.NULL:
+            e = ffi.errno
+            raise OSError(e, f"fastmux: cannot create the epoll loop: {os.strerror(e)}")
+        self._loop = loop
+        self._batch = lib.fm_loop_batch(loop)
+        self._stats = lib.fm_loop_stats(loop)
+        self._poll = lib.fm_poll
+        self._send = lib.fm_send
+        self._closed = False
+
+    def poll(self, timeout: float | None) -> Batch:
+        if timeout is None:
+            ms = -1
+        elif timeout <= 0:
+            ms = 0
+        else:
+            # Round up: epoll_wait must not return before a timer is due.
+            ms = int(timeout * 1000.0) + 1
+            if ms > 0x7FFFFFFF:
+                ms = 0x7FFFFFFF
+        n = self._poll(self._loop, ms)
+        if n <= 0:
+            if n < 0:
+                raise OSError(-n, os.strerror(-n))
+            return 0, (), (), (), (), b""
+        b = self._batch
+        return (
+            n,
+            _unpack(b.kind, n),
+            _unpack(b.id, n),
+            _unpack(b.start, n),
+            _unpack(b.end, n),
+            _unpack(b.arena, b.used) if b.used else b"",
+        )
+
+    def has_pending(self) -> bool:
+        return bool(lib.fm_has_pending(self._loop))
+
+    def wakeup(self) -> None:
+        lib.fm_wakeup(self._loop)
+
+    def set_timer(self, deadline: float | None) -> None:
+        lib.fm_set_timer(self._loop, -1 if deadline is None else int(deadline * 1e9))
+
+    def fileno(self) -> int:
+        return int(lib.fm_loop_fd(self._loop))
+
+    def framing_new(self, kind: int, max_size: int, n: int, sep: bytes,
+                    little_endian: bool) -> int:
+        return _check(lib.fm_framing_new(self._loop, kind, max_size, n, sep, len(sep),
+                                         int(little_endian)))
+
+    def listener_add(self, fd: int, framing: int, max_connections: int) -> int:
+        return _check(lib.fm_listener_add(self._loop, fd, framing, max_connections))
+
+    def listener_set(self, lid: int, max_write_buffer: int, idle_timeout: float) -> None:
+        lib.fm_listener_set(self._loop, lid, max_write_buffer, _ms(idle_timeout))
+
+    def listener_remove(self, lid: int) -> None:
+        lib.fm_listener_remove(self._loop, lid)
+
+    def conn_add(self, fd: int, framing: int, connecting: bool) -> int:
+        return _check(lib.fm_conn_add(self._loop, fd, framing, int(connecting)))
+
+    def conn_set(self, cid: int, max_write_buffer: int, idle_timeout: float) -> None:
+        lib.fm_conn_set(self._loop, cid, max_write_buffer, _ms(idle_timeout))
+
+    def send(self, cid: int, data: bytes) -> int:
+        return int(self._send(self._loop, cid, data, len(data)))
+
+    def close(self, cid: int) -> None:
+        lib.fm_close(self._loop, cid)
+
+    def abort(self, cid: int) -> None:
+        lib.fm_abort(self._loop, cid)
+
+    def shutdown(self, cid: int) -> None:
+        lib.fm_shutdown(self._loop, cid)
+
+    def pause(self, cid: int) -> None:
+        lib.fm_pause(self._loop, cid)
+
+    def resume(self, cid: int) -> None:
+        lib.fm_resume(self._loop, cid)
+
+    def set_framing(self, cid: int, framing: int) -> None:
+        lib.fm_set_framing(self._loop, cid, framing)
+
+    def pushback(self, cid: int, data: bytes, reemit_eof: bool) -> None:
+        lib.fm_pushback(self._loop, cid, data, len(data), int(reemit_eof))
+
+    def set_write_limits(self, cid: int, high: int, low: int) -> None:
+        lib.fm_set_write_limits(self._loop, cid, high, low)
+
+    def write_buffer_size(self, cid: int) -> int:
+        return int(lib.fm_write_buffer_size(self._loop, cid))
+
+    def conn_fd(self, cid: int) -> int:
+        return int(lib.fm_conn_fd(self._loop, cid))
+
+    def watch_add(self, fd: int) -> int:
+        return _check(lib.fm_watch_add(self._loop, fd))
+
+    def watch_remove(self, wid: int) -> None:
+        lib.fm_watch_remove(self._loop, wid)
+
+    def stats(self) -> dict[str, int]:
+        s = self._stats
+        return {
+            "accepted": s.accepted,
+            "rejected": s.rejected,
+            "bytes_in": s.bytes_in,
+            "bytes_out": s.bytes_out,
+            "reads": s.reads,
+            "writes": s.writes,
+            "polls": s.polls,
+            "emfile": s.emfile,
+            "connections_open": s.connections_open,
+        }
+
+    def after_fork(self) -> None:
+        lib.fm_loop_after_fork(self._loop)
+
+    def close_all(self) -> None:
+        if not self._closed:
+            self._closed = True
+            lib.fm_loop_free(self._loop)
+            self._loop = ffi.NULL
+
+
+def _ms(seconds: float) -> int:
+    if seconds is None or seconds <= 0:
+        return 0
+    return max(1, int(seconds * 1000.0 + 0.5))
+
+
+def core_constants() -> dict[str, Any]:
+    """The C core's limits and event numbers, for tests that check the
+    Python mirror in _backend.py agrees."""
+    return {
+        "READ_BUDGET": lib.fm_const(lib.FM_C_READ_BUDGET),
+        "ACCEPT_BUDGET": lib.fm_const(lib.FM_C_ACCEPT_BUDGET),
+        "BATCH_MAX": lib.fm_const(lib.FM_C_BATCH_MAX),
+        "READ_CHUNK": lib.fm_const(lib.FM_C_READ_CHUNK),
+        "EV_MSG": lib.FM_EV_MSG, "EV_ACCEPT": lib.FM_EV_ACCEPT,
+        "EV_CONNECTED": lib.FM_EV_CONNECTED, "EV_EOF": lib.FM_EV_EOF,
+        "EV_CLOSED": lib.FM_EV_CLOSED, "EV_DRAIN": lib.FM_EV_DRAIN,
+        "EV_READABLE": lib.FM_EV_READABLE,
+        "R_NONE": lib.FM_R_NONE, "R_ERROR": lib.FM_R_ERROR,
+        "R_TOOLARGE": lib.FM_R_TOOLARGE, "R_WBUFFULL": lib.FM_R_WBUFFULL,
+        "R_IDLE": lib.FM_R_IDLE,
+    }
+
+
+def c_split(kind: int, max_size: int, n: int, sep: bytes, little: bool,
+            buf: bytes, maxout: int = 1 << 20) -> tuple[list[bytes], int, bool]:
+    """Run the C framer over `buf` (tests and the fuzzer): (messages,
+    consumed, toolarge)."""
+    cap = max(1, min(maxout, len(buf) + 1))
+    starts = ffi.new("uint32_t[]", cap)
+    ends = ffi.new("uint32_t[]", cap)
+    consumed = ffi.new("size_t *")
+    toolarge = ffi.new("int *")
+    k = lib.fm_split(kind, max_size, n, sep, len(sep), int(little), buf, len(buf),
+                     starts, ends, cap, consumed, toolarge)
+    if k < 0:
+        raise ValueError("bad framing parameters")
+    return [buf[starts[i]:ends[i]] for i in range(k)], int(consumed[0]), bool(toolarge[0])

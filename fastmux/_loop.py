@@ -1,0 +1,1097 @@
+"""The loop: handler dispatch, callbacks, timers, signals -- written once.
+
+Everything here runs on top of the Backend protocol (_backend.py), so the
+epoll core and the select backend share one implementation of every rule a
+user can observe.  ``Loop.run_once`` is the specification of an iteration;
+read it first.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno as _errno
+import heapq
+import itertools
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+import time
+import weakref
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
+
+from ._backend import (
+    EV_ACCEPT,
+    EV_CLOSED,
+    EV_CONNECTED,
+    EV_DRAIN,
+    EV_EOF,
+    EV_READABLE,
+    R_ERROR,
+    R_IDLE,
+    R_TOOLARGE,
+    R_WBUFFULL,
+    make_backend,
+)
+from ._errors import ConnectionClosed, IdleTimeout, MessageTooLarge, WriteBufferFull
+from ._framing import Framing, Raw
+
+logger = logging.getLogger("fastmux")
+
+Address = Union[Tuple[Any, ...], str]
+HandlerFactory = Callable[[], "Handler"]
+
+#: Default bound on a connection's queued output (64 MiB): a peer that stops
+#: reading while the handler keeps writing is cut off with WriteBufferFull.
+DEFAULT_MAX_WRITE_BUFFER = 64 * 1024 * 1024
+
+_DEFAULT_FRAMING = Raw()
+
+
+class Handler:
+    """Base class for connection handlers; every method is optional.
+
+    ``handler_factory`` (often the subclass itself) is called with no
+    arguments once per connection, so a handler instance may keep
+    per-connection state.  Callbacks run on the loop's thread, never from
+    inside an API call."""
+
+    def on_open(self, conn: "Connection") -> None:
+        """The connection is established (accepted, or a connect succeeded)."""
+
+    def on_message(self, conn: "Connection", data: bytes) -> None:
+        """One complete message, as split by the connection's framing."""
+
+    def on_eof(self, conn: "Connection") -> Optional[bool]:
+        """The peer closed its sending side, after its last message.
+
+        Return True to keep the connection open (it stays writable);
+        otherwise it is closed once queued output is flushed."""
+        return None
+
+    def on_drain(self, conn: "Connection") -> None:
+        """Queued output fell to the low watermark after exceeding the high one."""
+
+    def on_close(self, conn: "Connection", exc: Optional[BaseException]) -> None:
+        """The connection is closed; runs exactly once, last.  `exc` is None
+        after a local close/abort, a clean EOF or ``loop.close()``; else the
+        OSError, MessageTooLarge, WriteBufferFull, IdleTimeout or the
+        handler's own exception that ended it."""
+
+
+class Handle:
+    """A scheduled callback; ``cancel()`` stops it from running."""
+
+    __slots__ = ("_fn", "_args", "_cancelled", "_loop")
+
+    def __init__(self, fn: Callable[..., Any], args: Tuple[Any, ...], loop: "Loop") -> None:
+        self._fn = fn
+        self._args = args
+        self._cancelled = False
+        self._loop = loop
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def _run(self) -> None:
+        try:
+            self._fn(*self._args)
+        except Exception as exc:
+            self._loop.call_exception_handler({
+                "message": f"exception in callback {self._fn!r}",
+                "exception": exc,
+                "handle": self,
+            })
+
+    def __repr__(self) -> str:
+        state = " cancelled" if self._cancelled else ""
+        return f"<{type(self).__name__} {self._fn!r}{state}>"
+
+
+class TimerHandle(Handle):
+    """A callback scheduled at ``when`` (``loop.time()`` clock)."""
+
+    __slots__ = ("when", "_seq")
+
+    def __init__(self, when: float, seq: int, fn: Callable[..., Any],
+                 args: Tuple[Any, ...], loop: "Loop") -> None:
+        super().__init__(fn, args, loop)
+        self.when = when
+        self._seq = seq
+
+    def __lt__(self, other: "TimerHandle") -> bool:
+        return (self.when, self._seq) < (other.when, other._seq)
+
+    def cancel(self) -> None:
+        if not self._cancelled:
+            self._cancelled = True
+            self._loop._timer_cancelled()
+
+
+class Server:
+    """A listening socket.  ``close()`` stops accepting; connections already
+    accepted stay open."""
+
+    def __init__(self, loop: "Loop", sock: socket.socket, lid: int,
+                 factory: HandlerFactory, framing: Framing, unix_path: Optional[str],
+                 options: Tuple[int, float]) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._lid = lid
+        self._factory = factory
+        self.framing = framing
+        self._unix_path = unix_path
+        self._unix_ino = os.stat(unix_path).st_ino if unix_path else None
+        self._options = options
+        self.address: Address = sock.getsockname()
+        self.closed = False
+
+    def fileno(self) -> int:
+        return -1 if self.closed else self._sock.fileno()
+
+    def close(self) -> None:
+        """Stop accepting (idempotent).  A Unix socket path is removed."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self._loop._closed:
+            self._loop._backend.listener_remove(self._lid)
+        self._loop._servers.pop(self._lid, None)
+        self._sock.close()
+        if self._unix_path:
+            try:
+                if os.stat(self._unix_path).st_ino == self._unix_ino:
+                    os.unlink(self._unix_path)
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        return f"<fastmux.Server {self.address!r}{' closed' if self.closed else ''}>"
+
+
+class Connection:
+    """One stream connection.  Created by the loop; see ``Handler``."""
+
+    __slots__ = (
+        "_loop", "_cid", "_fd", "handler", "_on_message", "_wbuf", "_closed",
+        "_wclosed", "_deliver", "_paused", "_framing", "_defer_framing",
+        "_deferred", "_deferred_eof", "_opened", "_exc", "_peername", "_sockname",
+        "_connect_timer", "_family", "__weakref__",
+    )
+
+    def __init__(self, loop: "Loop", cid: int, fd: int, framing: Framing) -> None:
+        self._loop = loop
+        self._cid = cid
+        self._fd = fd
+        self._wbuf: List[bytes] = []
+        self._closed = False  # close()/abort() called, or the connection ended
+        self._wclosed = False  # no more writes: closed or shut down
+        self._deliver = True  # messages go to on_message now
+        self._paused = False
+        self._framing = framing
+        self._defer_framing: Optional[Framing] = None
+        self._deferred: Optional[List[bytes]] = None
+        self._deferred_eof = False
+        self._opened = False
+        self._exc: Optional[BaseException] = None
+        self._peername: Any = None
+        self._sockname: Any = None
+        self._connect_timer: Optional[TimerHandle] = None
+        self._family = 0
+        self.handler: Handler = Handler()
+        self._on_message: Callable[["Connection", bytes], None] = self.handler.on_message
+
+    def _set_handler(self, handler: Handler) -> None:
+        self.handler = handler
+        self._on_message = handler.on_message
+
+    # -- writing ---------------------------------------------------------
+
+    def write(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        """Queue `data` (any bytes-like; its content is taken now).
+
+        Everything written during one loop iteration leaves in one send at
+        the end of it.  Raises ConnectionClosed after close(), abort(),
+        shutdown_write() or a detected reset."""
+        if self._wclosed:
+            raise ConnectionClosed("write on a closed connection")
+        if type(data) is not bytes:
+            data = bytes(data)
+        if not data:
+            return
+        wb = self._wbuf
+        if not wb:
+            loop = self._loop
+            loop._dirty.append(self)
+            if loop._hosted and not loop._in_iteration:
+                loop._backend.wakeup()
+        wb.append(data)
+
+    def writelines(self, lines: Iterable[Union[bytes, bytearray, memoryview]]) -> None:
+        """Write each item of `lines` (no separator is added)."""
+        for line in lines:
+            self.write(line)
+
+    def _flush_now(self) -> None:
+        wb = self._wbuf
+        if wb and self._cid >= 0:
+            data = wb[0] if len(wb) == 1 else b"".join(wb)
+            self._loop._messages_out += len(wb)
+            self._loop._backend.send(self._cid, data)
+        wb.clear()
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes written but not yet sent."""
+        pending = sum(map(len, self._wbuf))
+        if self._cid < 0:
+            return pending
+        queued = self._loop._backend.write_buffer_size(self._cid)
+        return pending + (queued if queued > 0 else 0)
+
+    def set_write_limits(self, high: Optional[int] = None, low: Optional[int] = None) -> None:
+        """Watermarks for ``on_drain`` (default 64 KiB and high // 4)."""
+        if high is None:
+            high = 64 * 1024 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not 0 <= low <= high:
+            raise ValueError(f"need 0 <= low <= high, got high={high} low={low}")
+        if self._cid >= 0:
+            self._loop._backend.set_write_limits(self._cid, high, low)
+
+    # -- closing ---------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once close() or abort() was called or the connection ended."""
+        return self._closed
+
+    def close(self) -> None:
+        """Flush queued output, then close.  ``on_close`` runs later."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wclosed = True
+        self._deliver = False
+        if self._cid >= 0:
+            self._flush_now()
+            self._loop._backend.close(self._cid)
+
+    def abort(self) -> None:
+        """Close now, dropping queued output.  ``on_close`` runs later."""
+        if self._closed and self._cid < 0:
+            return
+        self._closed = True
+        self._wclosed = True
+        self._deliver = False
+        self._wbuf.clear()
+        if self._cid >= 0:
+            self._loop._backend.abort(self._cid)
+
+    def shutdown_write(self) -> None:
+        """Send EOF (SHUT_WR) once queued output is flushed; reading goes on."""
+        if self._wclosed:
+            return
+        self._flush_now()
+        self._wclosed = True
+        if self._cid >= 0:
+            self._loop._backend.shutdown(self._cid)
+
+    # -- reading ---------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        """Deliver no more messages (not even ones already read) until
+        ``resume_reading()``."""
+        if self._paused or self._closed:
+            return
+        self._paused = True
+        self._start_deferring()
+        self._loop._backend.pause(self._cid)
+
+    def resume_reading(self) -> None:
+        """Deliver buffered messages and read again."""
+        if not self._paused or self._closed:
+            return
+        self._paused = False
+        if self._deferred is None:
+            self._deliver = True
+        self._loop._backend.resume(self._cid)
+
+    def set_framing(self, framing: Framing) -> None:
+        """Split the bytes not yet delivered with `framing` from now on."""
+        if not isinstance(framing, Framing):
+            raise TypeError(f"expected a framing spec, got {framing!r}")
+        if self._closed:
+            return
+        fid = self._loop._framing_id(framing)
+        if self._loop._in_batch:
+            # Messages later in this batch were split the old way: hand them
+            # back as raw bytes so the core splits them the new way.
+            self._start_deferring()
+        self._framing = framing
+        self._loop._backend.set_framing(self._cid, fid)
+
+    def _start_deferring(self) -> None:
+        self._deliver = False
+        if self._deferred is None and self._loop._in_batch:
+            self._defer_framing = self._framing
+            self._deferred = []
+            self._loop._deferring.append(self)
+
+    def _defer(self, data: bytes) -> None:
+        if self._deferred is None:
+            self._start_deferring()
+        assert self._deferred is not None and self._defer_framing is not None
+        self._deferred.append(self._defer_framing._unsplit(data))
+
+    def _push_back(self) -> None:
+        raw = b"".join(self._deferred or ())
+        eof = self._deferred_eof
+        self._deferred = None
+        self._deferred_eof = False
+        self._defer_framing = None
+        if self._cid >= 0 and not self._closed:
+            if raw or eof:
+                self._loop._backend.pushback(self._cid, raw, eof)
+            self._deliver = not self._paused
+
+    # -- introspection -----------------------------------------------------
+
+    def _sockinfo(self, peer: bool) -> Any:
+        if self._fd < 0 or self._cid < 0:
+            return None
+        s = socket.socket(fileno=self._fd)
+        try:
+            return s.getpeername() if peer else s.getsockname()
+        except OSError:
+            return None
+        finally:
+            s.detach()
+
+    @property
+    def peername(self) -> Any:
+        """The peer's address (None if unknown or closed before asked)."""
+        if self._peername is None:
+            self._peername = self._sockinfo(True)
+        return self._peername
+
+    @property
+    def sockname(self) -> Any:
+        """The local address."""
+        if self._sockname is None:
+            self._sockname = self._sockinfo(False)
+        return self._sockname
+
+    def fileno(self) -> int:
+        """The socket's fd, or -1 once closed.  Do not read or write it."""
+        return self._fd if self._cid >= 0 and not self._closed else -1
+
+    @property
+    def loop(self) -> "Loop":
+        return self._loop
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<fastmux.Connection fd={self._fd} {state}>"
+
+
+_all_loops: "weakref.WeakSet[Loop]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for loop in list(_all_loops):
+        loop._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Loop:
+    """An event loop for stream servers and clients.
+
+    ``backend`` is "auto" (epoll when the C core is there, else select;
+    the FASTMUX_BACKEND environment variable overrides auto), "epoll" or
+    "select".  Raises BackendUnavailable for a backend this host lacks."""
+
+    def __init__(self, backend: str = "auto") -> None:
+        self._backend: Any = make_backend(backend)
+        self.backend: str = self._backend.name
+        self._conns: List[Optional[Connection]] = []
+        self._live: Dict[int, Connection] = {}  # id(conn) -> conn, until on_close
+        self._servers: Dict[int, Server] = {}
+        self._ready: Deque[Handle] = collections.deque()
+        self._timers: List[TimerHandle] = []
+        self._timer_seq = itertools.count()
+        self._timers_cancelled = 0
+        self._armed_deadline: Optional[float] = None
+        self._dirty: List[Connection] = []
+        self._deferring: List[Connection] = []
+        self._framing_ids: Dict[Framing, int] = {}
+        self._running = False
+        self._stopping = False
+        self._closed = False
+        self._forked = False
+        self._in_iteration = False
+        self._in_batch = False
+        self._hosted = False
+        self._exception_handler: Optional[Callable[["Loop", Dict[str, Any]], None]] = None
+        self._signal_handlers: Dict[int, Tuple[Callable[..., Any], Tuple[Any, ...], Any]] = {}
+        self._sig_rsock: Optional[socket.socket] = None
+        self._sig_wsock: Optional[socket.socket] = None
+        self._sig_wid = -1
+        self._sig_old_wakeup = -1
+        self._messages_in = 0
+        self._messages_out = 0
+        _all_loops.add(self)
+
+    # -- the iteration -------------------------------------------------------
+
+    def run_once(self, timeout: Optional[float] = None) -> int:
+        """Run one iteration; wait at most `timeout` seconds (None: until
+        something happens).  Returns the number of events and callbacks
+        dispatched.
+
+        1. Send output written since the last iteration.
+        2. Poll: wait for I/O (not at all if callbacks are ready or the core
+           has work of its own), at most until the earliest timer.
+        3. Dispatch the batch of I/O events to handlers.
+        4. Run the timers that are due.
+        5. Run the callbacks that were ready when the iteration began.
+        6. Send everything written during this iteration: one send per
+           connection.
+        """
+        self._check_usable()
+        self._in_iteration = True
+        try:
+            if self._dirty:
+                self._flush()
+            ready = self._ready
+            ntodo = len(ready)
+            if ntodo or self._stopping:
+                timeout = 0
+            elif self._timers:
+                due = self._timers[0].when - time.monotonic()
+                if due <= 0:
+                    timeout = 0
+                elif timeout is None or due < timeout:
+                    timeout = due
+            n, kinds, ids, starts, ends, blob = self._backend.poll(timeout)
+            ran = n
+            if n:
+                self._dispatch(kinds, ids, starts, ends, blob)
+            if self._timers:
+                ran += self._run_timers()
+            for _ in range(ntodo):
+                h = ready.popleft()
+                if not h._cancelled:
+                    h._run()
+                    ran += 1
+            if self._dirty:
+                self._flush()
+            if self._hosted:
+                self._keep_fd_honest()
+        finally:
+            self._in_iteration = False
+        return ran
+
+    def _dispatch(self, kinds: Any, ids: Any, starts: Any, ends: Any, blob: bytes) -> None:
+        conns = self._conns
+        self._messages_in += kinds.count(1)
+        self._in_batch = True
+        try:
+            for k, cid, s, e in zip(kinds, ids, starts, ends):
+                if k == 1:  # EV_MSG, the hot path
+                    c = conns[cid]
+                    if c._deliver:  # type: ignore[union-attr]
+                        try:
+                            c._on_message(c, blob[s:e])  # type: ignore[union-attr,arg-type]
+                        except Exception as exc:
+                            self._handler_failed(c, exc, "on_message")  # type: ignore[arg-type]
+                    elif not c._closed:  # type: ignore[union-attr]
+                        c._defer(blob[s:e])  # type: ignore[union-attr]
+                else:
+                    self._event(k, cid, s, e)
+        finally:
+            self._in_batch = False
+            if self._deferring:
+                deferring, self._deferring = self._deferring, []
+                for c in deferring:
+                    c._push_back()
+
+    def _event(self, kind: int, cid: int, start: int, end: int) -> None:
+        if kind == EV_ACCEPT:
+            self._accepted(cid, start, end)
+            return
+        c = self._conns[cid] if cid < len(self._conns) else None
+        if kind == EV_READABLE:
+            self._signal_readable()
+            return
+        if c is None:
+            return
+        if kind == EV_CLOSED:
+            self._conn_closed(c, start, end)
+        elif kind == EV_EOF:
+            if c._closed:
+                return
+            if not c._deliver:
+                # Paused or re-framing: the EOF goes back with the messages.
+                c._start_deferring()
+                c._deferred_eof = True
+                return
+            try:
+                keep = c.handler.on_eof(c)
+            except Exception as exc:
+                self._handler_failed(c, exc, "on_eof")
+                return
+            if not keep:
+                c.close()
+        elif kind == EV_CONNECTED:
+            if c._connect_timer is not None:
+                c._connect_timer.cancel()
+                c._connect_timer = None
+            if c._closed:
+                return
+            c._opened = True
+            try:
+                c.handler.on_open(c)
+            except Exception as exc:
+                self._handler_failed(c, exc, "on_open")
+        elif kind == EV_DRAIN:
+            if not c._closed:
+                try:
+                    c.handler.on_drain(c)
+                except Exception as exc:
+                    self._handler_failed(c, exc, "on_drain")
+
+    def _accepted(self, cid: int, lid: int, fd: int) -> None:
+        server = self._servers.get(lid)
+        conns = self._conns
+        if cid >= len(conns):
+            conns.extend([None] * (cid + 1 - len(conns)))
+        framing = server.framing if server is not None else _DEFAULT_FRAMING
+        c = Connection(self, cid, fd, framing)
+        conns[cid] = c
+        self._live[id(c)] = c
+        if server is None:  # closed while the accept was in flight
+            c.abort()
+            return
+        try:
+            c._set_handler(server._factory())
+        except Exception as exc:
+            self._handler_failed(c, exc, "handler_factory")
+            return
+        c._opened = True
+        try:
+            c.handler.on_open(c)
+        except Exception as exc:
+            self._handler_failed(c, exc, "on_open")
+
+    def _conn_closed(self, c: Connection, err: int, reason: int) -> None:
+        self._conns[c._cid] = None
+        c._cid = -1
+        c._closed = True
+        c._wclosed = True
+        c._deliver = False
+        c._wbuf.clear()
+        if c._connect_timer is not None:
+            c._connect_timer.cancel()
+            c._connect_timer = None
+        exc = c._exc
+        if exc is None:
+            if reason == R_ERROR:
+                exc = OSError(err, os.strerror(err))  # maps to ConnectionResetError etc.
+            elif reason == R_TOOLARGE:
+                exc = MessageTooLarge(
+                    f"peer sent a message over max_size ({c._framing!r}); disconnected")
+            elif reason == R_WBUFFULL:
+                exc = WriteBufferFull("queued output exceeded max_write_buffer; disconnected")
+            elif reason == R_IDLE:
+                exc = IdleTimeout("no data within idle_timeout; disconnected")
+        self._run_on_close(c, exc)
+
+    def _run_on_close(self, c: Connection, exc: Optional[BaseException]) -> None:
+        if self._live.pop(id(c), None) is None:
+            return
+        try:
+            c.handler.on_close(c, exc)
+        except Exception as e:
+            self.call_exception_handler({
+                "message": "exception in on_close", "exception": e, "connection": c})
+
+    def _handler_failed(self, c: Connection, exc: Exception, where: str) -> None:
+        self.call_exception_handler({
+            "message": f"exception in {type(c.handler).__name__}.{where}",
+            "exception": exc,
+            "connection": c,
+        })
+        if c._exc is None:
+            c._exc = exc
+        c.abort()
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        send = self._backend.send
+        nout = 0
+        for c in dirty:
+            wb = c._wbuf
+            if not wb:
+                continue
+            if c._cid >= 0:
+                nout += len(wb)
+                send(c._cid, wb[0] if len(wb) == 1 else b"".join(wb))
+            wb.clear()
+        self._messages_out += nout
+
+    def _run_timers(self) -> int:
+        timers = self._timers
+        now = time.monotonic()
+        ran = 0
+        while timers and timers[0].when <= now:
+            h = heapq.heappop(timers)
+            if h._cancelled:
+                self._timers_cancelled -= 1
+                continue
+            h._run()
+            ran += 1
+        return ran
+
+    def _keep_fd_honest(self) -> None:
+        """Hosted: make the epoll fd readable whenever run_once(0) has work."""
+        if self._ready or self._dirty:
+            self._backend.wakeup()
+        deadline = self._timers[0].when if self._timers else None
+        if deadline != self._armed_deadline:
+            self._armed_deadline = deadline
+            self._backend.set_timer(deadline)
+
+    # -- running ---------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until ``stop()`` is called."""
+        self._check_usable()
+        if self._running:
+            raise RuntimeError("the loop is already running")
+        self._running = True
+        self._stopping = False
+        try:
+            while not self._stopping:
+                self.run_once()
+        finally:
+            self._running = False
+            self._stopping = False
+
+    def stop(self) -> None:
+        """Make ``run()`` return after the current iteration."""
+        self._stopping = True
+        if not self._in_iteration and not self._closed:
+            self._backend.wakeup()
+
+    def is_running(self) -> bool:
+        return self._running
+
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def time(self) -> float:
+        """The loop's clock: ``time.monotonic()``."""
+        return time.monotonic()
+
+    def close(self) -> None:
+        """Abort every connection (their ``on_close`` runs with exc None),
+        close every server, release every fd.  Idempotent; RuntimeError
+        while the loop runs."""
+        if self._closed:
+            return
+        if self._running or self._in_iteration:
+            raise RuntimeError("cannot close a running loop")
+        self._closed = True
+        for server in list(self._servers.values()):
+            server.close()
+        if self._forked:
+            self._live.clear()
+        for c in list(self._live.values()):
+            c._closed = c._wclosed = True
+            c._deliver = False
+            c._wbuf.clear()
+            c._cid = -1
+            self._run_on_close(c, c._exc)
+        self._live.clear()
+        self._conns.clear()
+        self._dirty.clear()
+        self._ready.clear()
+        self._timers.clear()
+        self._teardown_signals()
+        if not self._forked:
+            self._backend.close_all()
+
+    def __enter__(self) -> "Loop":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError("the loop is closed")
+        if self._forked:
+            raise RuntimeError("this loop was inherited across fork(); make a new one")
+
+    def _after_fork(self) -> None:
+        if self._closed:
+            return
+        self._forked = True
+        self._backend.after_fork()
+        for s in self._servers.values():
+            s._sock.close()
+        for sock in (self._sig_rsock, self._sig_wsock):
+            if sock is not None:
+                sock.close()
+
+    # -- callbacks and timers --------------------------------------------------
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> Handle:
+        """Run ``fn(*args)`` in the next iteration (FIFO)."""
+        self._check_usable()
+        h = Handle(fn, args, self)
+        self._ready.append(h)
+        if self._hosted and not self._in_iteration:
+            self._backend.wakeup()
+        return h
+
+    def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> Handle:
+        """Like call_soon, from any thread; wakes a blocked loop."""
+        if self._closed:
+            raise RuntimeError("the loop is closed")
+        h = Handle(fn, args, self)
+        self._ready.append(h)  # deque.append is atomic
+        self._backend.wakeup()
+        return h
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
+        """Run ``fn(*args)`` no earlier than `delay` seconds from now."""
+        return self.call_at(time.monotonic() + delay, fn, *args)
+
+    def call_at(self, when: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
+        """Run ``fn(*args)`` no earlier than ``loop.time() == when``."""
+        self._check_usable()
+        h = TimerHandle(when, next(self._timer_seq), fn, args, self)
+        heapq.heappush(self._timers, h)
+        if self._hosted and not self._in_iteration:
+            self._keep_fd_honest()
+        return h
+
+    def _timer_cancelled(self) -> None:
+        self._timers_cancelled += 1
+        # Drop cancelled timers when they are most of the heap.
+        if self._timers_cancelled > 64 and self._timers_cancelled * 2 > len(self._timers):
+            self._timers = [h for h in self._timers if not h._cancelled]
+            heapq.heapify(self._timers)
+            self._timers_cancelled = 0
+
+    # -- errors ----------------------------------------------------------------
+
+    def set_exception_handler(
+            self, handler: Optional[Callable[["Loop", Dict[str, Any]], None]]) -> None:
+        """Call ``handler(loop, context)`` for exceptions in handlers and
+        callbacks; None restores the default (log to "fastmux")."""
+        if handler is not None and not callable(handler):
+            raise TypeError("the exception handler must be callable or None")
+        self._exception_handler = handler
+
+    def default_exception_handler(self, context: Dict[str, Any]) -> None:
+        exc = context.get("exception")
+        exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+        extra = {k: v for k, v in context.items() if k not in ("message", "exception")}
+        logger.error("%s %s", context.get("message", "unhandled exception"),
+                     extra or "", exc_info=exc_info)
+
+    def call_exception_handler(self, context: Dict[str, Any]) -> None:
+        if self._exception_handler is None:
+            self.default_exception_handler(context)
+            return
+        try:
+            self._exception_handler(self, context)
+        except Exception as e:
+            logger.error("exception in the exception handler", exc_info=e)
+            self.default_exception_handler(context)
+
+    # -- servers and connections -----------------------------------------------
+
+    def _framing_id(self, framing: Framing) -> int:
+        fid = self._framing_ids.get(framing)
+        if fid is None:
+            fid = self._backend.framing_new(framing._kind, framing._max, framing._n,
+                                            framing._sep, framing._little)
+            self._framing_ids[framing] = fid
+        return fid
+
+    def listen(self, address: Optional[Address], handler_factory: HandlerFactory, *,
+               framing: Optional[Framing] = None, backlog: int = 1024,
+               reuse_port: bool = False, sock: Optional[socket.socket] = None,
+               max_connections: Optional[int] = None,
+               idle_timeout: Optional[float] = None,
+               max_write_buffer: Optional[int] = DEFAULT_MAX_WRITE_BUFFER) -> Server:
+        """Listen on `address` -- ``(host, port)`` (port 0: any free port) or a
+        Unix socket path -- or on the bound socket `sock`.
+
+        Host names are resolved with getaddrinfo, which blocks.  Each
+        accepted connection gets ``handler_factory()``, then ``on_open``.
+        `max_connections` (default unlimited): beyond it new connections are
+        accepted and closed at once.  `idle_timeout` (seconds, default none):
+        a connection silent that long is closed with IdleTimeout.
+        `max_write_buffer` (default 64 MiB; None: unlimited): see
+        WriteBufferFull."""
+        self._check_usable()
+        framing = framing if framing is not None else _DEFAULT_FRAMING
+        if not isinstance(framing, Framing):
+            raise TypeError(f"framing must be a framing spec, got {framing!r}")
+        unix_path = None
+        if sock is None:
+            if address is None:
+                raise ValueError("listen() needs an address or sock=")
+            sock, unix_path = _bound_socket(address, reuse_port)
+            try:
+                sock.listen(backlog)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            if sock.type != socket.SOCK_STREAM:
+                raise ValueError("sock must be a SOCK_STREAM socket")
+            try:
+                sock.listen(backlog)
+            except OSError:
+                pass  # already listening
+        sock.setblocking(False)
+        fid = self._framing_id(framing)
+        maxc = -1 if max_connections is None else int(max_connections)
+        lid = self._backend.listener_add(sock.fileno(), fid, maxc)
+        mwb = int(max_write_buffer or 0)
+        idle = float(idle_timeout or 0.0)
+        self._backend.listener_set(lid, mwb, idle)
+        server = Server(self, sock, lid, handler_factory, framing, unix_path, (mwb, idle))
+        self._servers[lid] = server
+        return server
+
+    def connect(self, address: Optional[Address], handler_factory: HandlerFactory, *,
+                framing: Optional[Framing] = None, timeout: Optional[float] = None,
+                sock: Optional[socket.socket] = None,
+                idle_timeout: Optional[float] = None,
+                max_write_buffer: Optional[int] = DEFAULT_MAX_WRITE_BUFFER) -> Connection:
+        """Connect to `address` without blocking (name resolution does
+        block).  ``on_open`` runs once connected; a failed or timed-out
+        connect reaches ``on_close(conn, exc)`` without ``on_open``.  Writes
+        made before then are queued.  `sock`: an already connected (or
+        connecting) socket to use instead."""
+        self._check_usable()
+        framing = framing if framing is not None else _DEFAULT_FRAMING
+        if not isinstance(framing, Framing):
+            raise TypeError(f"framing must be a framing spec, got {framing!r}")
+        fid = self._framing_id(framing)
+        err = 0
+        if sock is None:
+            if address is None:
+                raise ValueError("connect() needs an address or sock=")
+            family, addr = _resolve(address, passive=False)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            err = sock.connect_ex(addr)
+        else:
+            sock.setblocking(False)
+        handler = handler_factory()
+        if err not in (0, _errno.EINPROGRESS, _errno.EAGAIN):
+            sock.close()
+            c = Connection(self, -1, -1, framing)
+            c._set_handler(handler)
+            c._closed = c._wclosed = True
+            c._deliver = False
+            self._live[id(c)] = c
+            exc = OSError(err, os.strerror(err))
+            self._ready.append(Handle(self._run_on_close, (c, exc), self))
+            if self._hosted and not self._in_iteration:
+                self._backend.wakeup()
+            return c
+        fd = sock.detach()
+        try:
+            cid = self._backend.conn_add(fd, fid, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        conns = self._conns
+        if cid >= len(conns):
+            conns.extend([None] * (cid + 1 - len(conns)))
+        c = Connection(self, cid, fd, framing)
+        c._set_handler(handler)
+        conns[cid] = c
+        self._live[id(c)] = c
+        mwb = int(max_write_buffer or 0)
+        if mwb or idle_timeout:
+            self._backend.conn_set(cid, mwb, float(idle_timeout or 0.0))
+        if timeout is not None:
+            c._connect_timer = self.call_later(timeout, self._connect_timed_out, c)
+        return c
+
+    def _connect_timed_out(self, c: Connection) -> None:
+        c._connect_timer = None
+        if c._opened or c._cid < 0:
+            return
+        if c._exc is None:
+            c._exc = TimeoutError("connect timed out")
+        c.abort()
+
+    # -- signals ---------------------------------------------------------------
+
+    def add_signal_handler(self, signum: int, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` in the loop when signal `signum` arrives.
+
+        Main thread only (Python's rule for signal handlers).  The previous
+        disposition is restored by ``remove_signal_handler``."""
+        self._check_usable()
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("signal handlers can only be added from the main thread")
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            raise RuntimeError(f"signal {signum} cannot be caught")
+        if self._sig_rsock is None:
+            rsock, wsock = socket.socketpair()
+            rsock.setblocking(False)
+            wsock.setblocking(False)
+            self._sig_rsock, self._sig_wsock = rsock, wsock
+            self._sig_old_wakeup = signal.set_wakeup_fd(wsock.fileno(),
+                                                        warn_on_full_buffer=False)
+            self._sig_wid = self._backend.watch_add(rsock.fileno())
+        previous = self._signal_handlers[signum][2] if signum in self._signal_handlers \
+            else signal.getsignal(signum)
+        signal.signal(signum, _noop_signal_handler)
+        # Restart interrupted syscalls: the wakeup fd, not EINTR, tells us.
+        signal.siginterrupt(signum, False)
+        self._signal_handlers[signum] = (fn, args, previous)
+
+    def remove_signal_handler(self, signum: int) -> bool:
+        """Restore `signum`'s previous disposition; False if none was set."""
+        entry = self._signal_handlers.pop(signum, None)
+        if entry is None:
+            return False
+        previous = entry[2]
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        if not self._signal_handlers:
+            self._teardown_signals()
+        return True
+
+    def _teardown_signals(self) -> None:
+        for signum, (_, _, previous) in list(self._signal_handlers.items()):
+            try:
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            except (ValueError, OSError):
+                pass
+        self._signal_handlers.clear()
+        if self._sig_rsock is None:
+            return
+        if not self._forked:
+            if not self._closed:
+                self._backend.watch_remove(self._sig_wid)
+            try:
+                signal.set_wakeup_fd(self._sig_old_wakeup)
+            except ValueError:
+                pass  # not the main thread
+        self._sig_rsock.close()
+        if self._sig_wsock is not None:
+            self._sig_wsock.close()
+        self._sig_rsock = self._sig_wsock = None
+        self._sig_wid = -1
+
+    def _signal_readable(self) -> None:
+        if self._sig_rsock is None:
+            return
+        try:
+            data = self._sig_rsock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in data:
+            entry = self._signal_handlers.get(signum)
+            if entry is not None:
+                self._ready.append(Handle(entry[0], entry[1], self))
+
+    # -- hosting and introspection ---------------------------------------------
+
+    def fileno(self) -> int:
+        """An fd that is readable whenever ``run_once(0)`` has work, so that
+        another loop can host this one (epoll backend; the select backend
+        raises NotImplementedError)."""
+        self._check_usable()
+        fd = int(self._backend.fileno())
+        if not self._hosted:
+            self._hosted = True
+            self._keep_fd_honest()
+            if self._backend.has_pending():
+                self._backend.wakeup()
+        return fd
+
+    def stats(self) -> Dict[str, int]:
+        """Counters: connections_open, accepted, rejected, bytes_in,
+        bytes_out, messages_in, messages_out, and backend details."""
+        s = self._backend.stats() if not self._closed else {}
+        s["messages_in"] = self._messages_in
+        s["messages_out"] = self._messages_out
+        for key in ("connections_open", "accepted", "rejected", "bytes_in", "bytes_out"):
+            s.setdefault(key, 0)
+        return s
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("running" if self._running else "idle")
+        return f"<fastmux.Loop backend={self.backend} {state}>"
+
+
+def _noop_signal_handler(signum: int, frame: Any) -> None:
+    """Python-level handler; the real work happens via the wakeup fd."""
+
+
+def _resolve(address: Address, passive: bool) -> Tuple[int, Any]:
+    if isinstance(address, (str, bytes, os.PathLike)):
+        return socket.AF_UNIX, os.fsdecode(address)
+    if not isinstance(address, tuple) or len(address) < 2:
+        raise ValueError(f"address must be (host, port) or a Unix socket path, got {address!r}")
+    host, port = address[0], address[1]
+    flags = socket.AI_PASSIVE if passive else 0
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=flags)
+    if not infos:
+        raise OSError(f"getaddrinfo returned nothing for {address!r}")
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr
+
+
+def _bound_socket(address: Address, reuse_port: bool) -> Tuple[socket.socket, Optional[str]]:
+    family, addr = _resolve(address, passive=True)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        unix_path = None
+        if family == socket.AF_UNIX:
+            unix_path = addr
+            try:
+                if stat.S_ISSOCK(os.stat(addr).st_mode):
+                    os.unlink(addr)  # a stale socket from an earlier run
+            except FileNotFoundError:
+                pass
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            if not hasattr(socket, "SO_REUSEPORT"):
+                raise ValueError("reuse_port is not supported on this platform")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, unix_path
+
+
+__all__ = ["Loop", "Handler", "Connection", "Server", "Handle", "TimerHandle",
+           "DEFAULT_MAX_WRITE_BUFFER"]
