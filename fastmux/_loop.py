@@ -19,6 +19,7 @@ import socket
 import stat
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -529,10 +530,10 @@ class Loop:
         if kind == EV_ACCEPT:
             self._accepted(cid, start, end)
             return
-        c = self._conns[cid] if cid < len(self._conns) else None
         if kind == EV_READABLE:
             self._signal_readable()
             return
+        c = self._conns[cid] if cid < len(self._conns) else None
         if c is None:
             return
         if kind == EV_CLOSED:
@@ -730,6 +731,17 @@ class Loop:
         self._teardown_signals()
         if not self._forked:
             self._backend.close_all()
+
+    def __del__(self) -> None:
+        # A loop dropped without close(): release the core's fds and memory
+        # (connections are not told; that needs close()).
+        if not getattr(self, "_closed", True) and not self._forked:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self._closed = True
+            try:
+                self._backend.close_all()
+            except Exception:
+                pass
 
     def __enter__(self) -> "Loop":
         return self
