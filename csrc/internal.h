@@ -44,6 +44,7 @@ enum { FM_T_CONN = 1, FM_T_LISTENER = 2, FM_T_WATCH = 3, FM_T_WAKE = 4, FM_T_TIM
 #define FM_C_READY       0x0400u  /* on the ready list                      */
 #define FM_C_RDHUP       0x0800u  /* the kernel said FIN is queued          */
 #define FM_C_IDLE_LINKED 0x1000u  /* on an idle list                        */
+#define FM_C_DRAIN_DUE   0x2000u  /* emit DRAIN from the ready list          */
 
 typedef struct fm_buf {
     char *p;

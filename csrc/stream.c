@@ -485,6 +485,11 @@ int64_t fm_send(fm_loop *loop, int cid, const char *data, size_t len)
         return -EBADF;
     if (c->flags & (FM_C_CLOSING | FM_C_SHUT_WANTED))
         return -EPIPE;
+    /* The watermark counts what the handler wrote, before the kernel took
+     * any of it: a handler that saw write_buffer_size pass `high` is owed
+     * an on_drain even if the send then empties the queue at once. */
+    if (c->out.len + len > c->high)
+        c->flags |= FM_C_WANT_DRAIN;
     if (c->out.len == 0 && !(c->flags & FM_C_CONNECTING)) {
         while (done < len) {
             size_t want = len - done < FM_IO_MAX ? len - done : FM_IO_MAX;
@@ -504,8 +509,13 @@ int64_t fm_send(fm_loop *loop, int cid, const char *data, size_t len)
             if ((size_t)n < want)
                 break;
         }
-        if (done == len)
+        if (done == len) {
+            if (c->flags & FM_C_WANT_DRAIN) {
+                c->flags |= FM_C_DRAIN_DUE;
+                fm__ready_push(loop, c);
+            }
             return 0;
+        }
     }
     if (fm__buf_reserve(&c->out, len - done) < 0) {
         fm__conn_kill(loop, c, ENOMEM, FM_R_ERROR);
@@ -517,8 +527,10 @@ int64_t fm_send(fm_loop *loop, int cid, const char *data, size_t len)
         fm__conn_kill(loop, c, 0, FM_R_WBUFFULL);
         return -ENOBUFS;
     }
-    if (c->out.len > c->high)
-        c->flags |= FM_C_WANT_DRAIN;
+    if ((c->flags & FM_C_WANT_DRAIN) && c->out.len <= c->low) {
+        c->flags |= FM_C_DRAIN_DUE;
+        fm__ready_push(loop, c);
+    }
     return (int64_t)c->out.len;
 }
 
@@ -565,6 +577,10 @@ void fm__conn_io(fm_loop *loop, fm_conn *c, uint32_t ev)
 
 void fm__conn_process(fm_loop *loop, fm_conn *c)
 {
+    if (c->flags & FM_C_DRAIN_DUE) {
+        c->flags &= ~FM_C_DRAIN_DUE;
+        fm__after_flush(loop, c);
+    }
     fm__conn_read(loop, c);
 }
 
