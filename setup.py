@@ -46,7 +46,7 @@ class optional_build_ext(build_ext):
 
 kwargs = {}
 if want_c():
-    kwargs["cffi_modules"] = ["fastmux/_build.py:ffibuilder"]
+    kwargs["cffi_modules"] = ["fastmux/_build.py:ffibuilder", "fastmux/_loadgen_build.py:ffibuilder"]
     kwargs["cmdclass"] = {"build_ext": optional_build_ext}
     # cffi emits Py_LIMITED_API code; tag the wheel abi3 for the oldest
     # CPython our cffi floor supports.

@@ -1,0 +1,362 @@
+"""The servers under test of ``python -m fastmux bench``, one per process.
+
+    python -m fastmux._bench_servers NAME MODE CPU
+
+NAME is one of SERVERS, MODE one of "raw", "lines", "http", CPU the CPU to
+pin to (-1: leave the affinity alone).  The server listens on 127.0.0.1 on a
+free port, prints ``READY <port>`` on stdout and serves until it is killed
+(the bench sends SIGTERM) or an hour passes.
+
+The rule every Python server follows: a Python-level function runs per
+message -- per read in "raw" mode, per line in "lines" mode, per request in
+"http" mode -- and produces that message's answer.  What differs is only the
+I/O machinery around it, which is what the bench compares.  No server echoes
+in C on behalf of Python; only "c-et", the floor reference, is C throughout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Callable, Dict, List, Optional
+
+#: The answer of every "http" server (the load generator checks the status
+#: line, Content-Length and the body).
+RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nContent-Type: text/plain\r\n\r\n"
+            b"Hello, world!")
+
+#: Bound on how long a server runs if nobody stops it.
+MAX_SECONDS = 3600.0
+
+MODES = ("raw", "lines", "http")
+
+#: The separator that ends a message in each framed mode.
+_SEP = {"lines": b"\n", "http": b"\r\n\r\n"}
+
+
+def _listen() -> socket.socket:
+    # Loopback only: the bench never serves another host.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    return sock
+
+
+def _answer(mode: str) -> Callable[[bytes], bytes]:
+    """The per-message handler of the peers: message in, answer out.  For
+    "lines" the message includes its newline (peers slice it that way)."""
+    if mode == "http":
+        def http(request: bytes) -> bytes:
+            return RESPONSE
+        return http
+
+    def echo(data: bytes) -> bytes:
+        return data
+    return echo
+
+
+# -- fastmux ------------------------------------------------------------------
+
+def serve_fastmux(sock: socket.socket, mode: str, backend: str) -> None:
+    import fastmux
+
+    class RawEcho(fastmux.Handler):
+        def on_message(self, conn: fastmux.Connection, data: bytes) -> None:
+            conn.write(data)
+
+    class LineEcho(fastmux.Handler):
+        # Lines() strips the newline; the answer puts it back.
+        def on_message(self, conn: fastmux.Connection, data: bytes) -> None:
+            conn.write(data + b"\n")
+
+    class Hello(fastmux.Handler):
+        def on_message(self, conn: fastmux.Connection, data: bytes) -> None:
+            conn.write(RESPONSE)
+
+    handlers = {"raw": (RawEcho, fastmux.Raw()), "lines": (LineEcho, fastmux.Lines()),
+                "http": (Hello, fastmux.Delimiter(b"\r\n\r\n"))}
+    handler, framing = handlers[mode]
+    with fastmux.Loop(backend=backend) as loop:
+        loop.listen(None, handler, framing=framing, sock=sock)
+        _ready(sock)
+        loop.call_later(MAX_SECONDS, loop.stop)
+        loop.run()
+
+
+# -- asyncio / uvloop Protocol ------------------------------------------------
+
+def _protocol_class(mode: str) -> type:
+    import asyncio
+
+    answer = _answer(mode)
+    sep = _SEP.get(mode)
+
+    class Proto(asyncio.Protocol):
+        """The idiomatic Protocol: one transport.write per message."""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.write = transport.write  # type: ignore[attr-defined]
+            self.buf = b""
+
+        def data_received(self, data: bytes) -> None:
+            if sep is None:
+                self.write(answer(data))
+                return
+            buf = self.buf + data if self.buf else data
+            pos = 0
+            while True:
+                i = buf.find(sep, pos)
+                if i < 0:
+                    break
+                end = i + len(sep)
+                self.write(answer(buf[pos:end]))
+                pos = end
+            self.buf = buf[pos:]
+
+    return Proto
+
+
+def serve_asyncio(sock: socket.socket, mode: str, use_uvloop: bool) -> None:
+    import asyncio
+
+    if use_uvloop:
+        import uvloop
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    proto = _protocol_class(mode)
+    loop.run_until_complete(loop.create_server(proto, sock=sock))
+    _ready(sock)
+    loop.call_later(MAX_SECONDS, loop.stop)
+    loop.run_forever()
+
+
+# -- selectors, one send per read ---------------------------------------------
+
+def serve_selectors(sock: socket.socket, mode: str) -> None:
+    """Level-triggered selectors server: one recv per readable event, the
+    handler per message, every answer of the read joined into one send."""
+    import selectors
+    import time
+
+    answer = _answer(mode)
+    sep = _SEP.get(mode)
+    sel = selectors.DefaultSelector()
+    sock.setblocking(False)
+    sel.register(sock, selectors.EVENT_READ, None)
+
+    class State:
+        __slots__ = ("sock", "inbuf", "out")
+
+        def __init__(self, s: socket.socket) -> None:
+            self.sock = s
+            self.inbuf = b""
+            self.out = b""
+
+    def close(st: State) -> None:
+        sel.unregister(st.sock)
+        st.sock.close()
+
+    _ready(sock)
+    deadline = time.monotonic() + MAX_SECONDS
+    while time.monotonic() < deadline:
+        for key, mask in sel.select(1.0):
+            st: Optional[State] = key.data
+            if st is None:
+                for _ in range(128):
+                    try:
+                        c, _addr = sock.accept()
+                    except BlockingIOError:
+                        break
+                    c.setblocking(False)
+                    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sel.register(c, selectors.EVENT_READ, State(c))
+                continue
+            s = st.sock
+            if mask & selectors.EVENT_WRITE:
+                try:
+                    n = s.send(st.out)
+                except BlockingIOError:
+                    n = 0
+                except OSError:
+                    close(st)
+                    continue
+                st.out = st.out[n:]
+                if not st.out:
+                    sel.modify(s, selectors.EVENT_READ, st)
+            if not mask & selectors.EVENT_READ:
+                continue
+            try:
+                data = s.recv(262144)
+            except BlockingIOError:
+                continue
+            except OSError:
+                close(st)
+                continue
+            if not data:
+                close(st)
+                continue
+            if sep is None:
+                out = answer(data)
+            else:
+                buf = st.inbuf + data if st.inbuf else data
+                answers: List[bytes] = []
+                pos = 0
+                while True:
+                    i = buf.find(sep, pos)
+                    if i < 0:
+                        break
+                    end = i + len(sep)
+                    answers.append(answer(buf[pos:end]))
+                    pos = end
+                st.inbuf = buf[pos:]
+                out = b"".join(answers)
+            if not out:
+                continue
+            if st.out:
+                st.out += out
+                continue
+            try:
+                n = s.send(out)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                close(st)
+                continue
+            if n < len(out):
+                st.out = out[n:]
+                sel.modify(s, selectors.EVENT_READ | selectors.EVENT_WRITE, st)
+
+
+# -- the tutorial edge-triggered select.epoll server --------------------------
+
+def serve_python_et(sock: socket.socket, mode: str) -> None:
+    """select.epoll the way tutorials teach it: EPOLLET, recv until
+    BlockingIOError, one send per message."""
+    import select
+    import time
+
+    answer = _answer(mode)
+    sep = _SEP.get(mode)
+    sock.setblocking(False)
+    ep = select.epoll()
+    lfd = sock.fileno()
+    ep.register(lfd, select.EPOLLIN | select.EPOLLET)
+    socks: Dict[int, socket.socket] = {}
+    inbufs: Dict[int, bytes] = {}
+    pending: Dict[int, bytes] = {}
+
+    def close(fd: int) -> None:
+        ep.unregister(fd)
+        socks.pop(fd).close()
+        inbufs.pop(fd, None)
+        pending.pop(fd, None)
+
+    def send(fd: int, data: bytes) -> None:
+        if fd in pending:
+            pending[fd] += data
+            return
+        try:
+            n = socks[fd].send(data)
+        except BlockingIOError:
+            n = 0
+        if n < len(data):
+            pending[fd] = data[n:]  # flushed on EPOLLOUT
+
+    _ready(sock)
+    deadline = time.monotonic() + MAX_SECONDS
+    while time.monotonic() < deadline:
+        for fd, ev in ep.poll(1.0):
+            if fd == lfd:
+                while True:
+                    try:
+                        c, _addr = sock.accept()
+                    except BlockingIOError:
+                        break
+                    c.setblocking(False)
+                    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    socks[c.fileno()] = c
+                    ep.register(c.fileno(), select.EPOLLIN | select.EPOLLOUT | select.EPOLLET)
+                continue
+            s = socks.get(fd)
+            if s is None:
+                continue
+            try:
+                if ev & select.EPOLLOUT and fd in pending:
+                    data = pending.pop(fd)
+                    send(fd, data)
+                if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                    while True:
+                        try:
+                            data = s.recv(65536)
+                        except BlockingIOError:
+                            break
+                        if not data:
+                            close(fd)
+                            break
+                        if sep is None:
+                            send(fd, answer(data))
+                            continue
+                        buf = inbufs.get(fd, b"") + data
+                        pos = 0
+                        while True:
+                            i = buf.find(sep, pos)
+                            if i < 0:
+                                break
+                            end = i + len(sep)
+                            send(fd, answer(buf[pos:end]))
+                            pos = end
+                        inbufs[fd] = buf[pos:]
+            except OSError:
+                if fd in socks:
+                    close(fd)
+
+
+# -- the C floor --------------------------------------------------------------
+
+def serve_c(sock: socket.socket, mode: str) -> None:
+    from ._loadgen import lib  # type: ignore[import-not-found]
+
+    modes = {"raw": lib.LG_RAW, "lines": lib.LG_LINES, "http": lib.LG_HTTP}
+    sock.setblocking(False)
+    _ready(sock)
+    rc = lib.lg_c_server(sock.fileno(), modes[mode], MAX_SECONDS)
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+
+
+# -- entry point ----------------------------------------------------------------
+
+def _ready(sock: socket.socket) -> None:
+    print(f"READY {sock.getsockname()[1]}", flush=True)
+
+
+SERVERS: Dict[str, Callable[[socket.socket, str], None]] = {
+    "fastmux-epoll": lambda s, m: serve_fastmux(s, m, "epoll"),
+    "fastmux-select": lambda s, m: serve_fastmux(s, m, "select"),
+    "asyncio": lambda s, m: serve_asyncio(s, m, False),
+    "uvloop": lambda s, m: serve_asyncio(s, m, True),
+    "selectors-batch": serve_selectors,
+    "python-et": serve_python_et,
+    "c-et": serve_c,
+}
+
+
+def main(argv: List[str]) -> int:
+    if len(argv) != 3 or argv[0] not in SERVERS or argv[1] not in MODES:
+        print(f"usage: python -m fastmux._bench_servers {{{','.join(SERVERS)}}} "
+              f"{{{','.join(MODES)}}} CPU", file=sys.stderr)
+        return 2
+    name, mode, cpu = argv[0], argv[1], int(argv[2])
+    if cpu >= 0 and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu})
+    sock = _listen()
+    SERVERS[name](sock, mode)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

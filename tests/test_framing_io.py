@@ -1,0 +1,170 @@
+"""Every framer through real sockets on both backends.
+
+The same byte stream is delivered coalesced (many messages in one send),
+split in two at every byte boundary (one connection per boundary, the first
+part read by the server before the second is sent), and one byte at a time.
+The messages must be the same as the reference framer's (``_framing.split``)
+every time: on the epoll backend that compares the C framers with the model.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastmux
+from fastmux import Delimiter, Fixed, LengthPrefixed, Lines, Raw
+from fastmux._framing import split
+from support import Factory, Peer, Recorder, run_until
+
+
+def _lp_case(hs, order):
+    spec = LengthPrefixed(hs, order)
+    msgs = [b"", b"abc", b"\n\x00\xff" * 3, b"z"]
+    stream = b"".join(len(m).to_bytes(hs, order) + m for m in msgs)
+    return pytest.param(spec, stream, msgs, id=f"length{hs}{order[0]}")
+
+
+CASES = [
+    pytest.param(Lines(), b"one\ntwo\r\n\n\xff\x00last\n", [b"one", b"two\r", b"", b"\xff\x00last"], id="lines"),
+    pytest.param(Delimiter(b"\r\n\r\n"), b"GET / HTTP/1.1\r\nA: b\r\n\r\n\r\n\r\nx\r\n\r\r\n\r\n",
+                 [b"GET / HTTP/1.1\r\nA: b", b"", b"x\r\n\r"], id="delimiter"),
+    pytest.param(Delimiter(b"|"), b"a|bc||d|", [b"a", b"bc", b"", b"d"], id="delimiter1"),
+    *[_lp_case(hs, order) for hs in (1, 2, 4, 8) for order in ("big", "little")],
+    pytest.param(Fixed(3), b"abcdefghi\x00\n\r", [b"abc", b"def", b"ghi", b"\x00\n\r"], id="fixed3"),
+    pytest.param(Fixed(1), b"xyz", [b"x", b"y", b"z"], id="fixed1"),
+    pytest.param(Raw(), b"raw bytes \x00\xff as they come", None, id="raw"),
+]
+
+
+def check(handler, spec, stream, expected, repeat=1):
+    if expected is None:  # Raw: only the concatenation is specified
+        assert handler.data == stream * repeat
+        assert all(handler.messages), "Raw never delivers an empty chunk"
+    else:
+        assert handler.messages == expected * repeat
+
+
+def complete(handler, stream, expected, repeat=1):
+    if expected is None:
+        return len(handler.data) >= len(stream) * repeat
+    return len(handler.messages) >= len(expected) * repeat
+
+
+@pytest.mark.parametrize("spec, stream, expected", CASES)
+def test_oracle_agrees_with_cases(spec, stream, expected):
+    msgs, consumed = split(spec, stream)
+    assert consumed == len(stream)
+    if expected is not None:
+        assert msgs == expected
+
+
+@pytest.mark.parametrize("spec, stream, expected", CASES)
+def test_coalesced(loop, peers, spec, stream, expected):
+    fac = Factory()
+    server = loop.listen(("127.0.0.1", 0), fac, framing=spec)
+    p = peers.connect(server.address)
+    p.send(stream * 50)  # many messages in one send, one read
+    run_until(loop, lambda: fac.made and complete(fac[0], stream, expected, 50), peers=[p])
+    check(fac[0], spec, stream, expected, 50)
+
+
+@pytest.mark.parametrize("spec, stream, expected", CASES)
+def test_split_at_every_byte_boundary(loop, peers, spec, stream, expected):
+    fac = Factory()
+    server = loop.listen(("127.0.0.1", 0), fac, framing=spec)
+    cuts = list(range(1, len(stream)))
+    ps = [peers.connect(server.address) for _ in cuts]
+    run_until(loop, lambda: len(fac.opened) == len(ps), what="all accepted")
+    for p, cut in zip(ps, cuts):
+        p.send(stream[:cut])
+    # The server has read every first part before any second part is sent.
+    first = sum(cuts)
+    run_until(loop, lambda: loop.stats()["bytes_in"] >= first, peers=ps, what="first parts read")
+    assert loop.stats()["bytes_in"] == first
+    for p, cut in zip(ps, cuts):
+        p.send(stream[cut:])
+    run_until(loop, lambda: all(complete(h, stream, expected) for h in fac.made), peers=ps)
+    for h in fac.made:
+        check(h, spec, stream, expected)
+
+
+@pytest.mark.parametrize("spec, stream, expected", CASES)
+def test_one_byte_at_a_time(loop, peers, spec, stream, expected):
+    fac = Factory()
+    server = loop.listen(("127.0.0.1", 0), fac, framing=spec)
+    p = peers.connect(server.address)
+    for i in range(len(stream)):
+        p.send(stream[i:i + 1])
+        run_until(loop, lambda: loop.stats()["bytes_in"] >= i + 1, peers=[p])
+    run_until(loop, lambda: fac.made and complete(fac[0], stream, expected), peers=[p])
+    check(fac[0], spec, stream, expected)
+
+
+def incomplete_tail(spec):
+    """Non-empty bytes that start a message but never finish it."""
+    if isinstance(spec, LengthPrefixed):
+        return (5).to_bytes(spec.header_size, spec.byteorder) + b"ab"
+    if isinstance(spec, Delimiter):
+        return b"partial" + spec.sep[:-1]
+    return b"x" * (spec.size - 1)
+
+
+@pytest.mark.parametrize("spec, stream, expected",
+                         [c for c in CASES if c.id not in ("raw", "fixed1")])
+def test_incomplete_tail_discarded_at_eof(loop, peers, spec, stream, expected):
+    tail = incomplete_tail(spec)
+    assert tail and split(spec, stream + tail) == (expected, len(stream))
+    fac = Factory()
+    server = loop.listen(("127.0.0.1", 0), fac, framing=spec)
+    p = peers.connect(server.address)
+    p.send(stream + tail)
+    p.shutdown_write()
+    run_until(loop, lambda: fac.made and fac[0].closed, peers=[p])
+    h = fac[0]
+    assert h.messages == expected
+    assert [e[0] for e in h.events] == ["open"] + ["message"] * len(expected) + ["eof", "close"]
+    h.assert_closed_once(None)
+
+
+# --- random streams, random cuts, compared with the model --------------------
+
+def _spec_strategy():
+    return st.one_of(
+        st.builds(Delimiter, st.binary(min_size=1, max_size=3)),
+        st.builds(LengthPrefixed, st.sampled_from([1, 2, 4, 8]), st.sampled_from(["big", "little"])),
+        st.builds(Fixed, st.integers(1, 7)),
+    )
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(spec=_spec_strategy(), msgs=st.lists(st.binary(max_size=40), max_size=6),
+       cuts=st.lists(st.integers(0, 400), max_size=5))
+def test_random_streams_match_model(backend, spec, msgs, cuts):
+    if isinstance(spec, Delimiter):
+        msgs = [m.replace(spec.sep, b"") for m in msgs]
+        stream = b"".join(m + spec.sep for m in msgs)
+    elif isinstance(spec, Fixed):
+        stream = b"".join(msgs)
+        stream = stream[: len(stream) - len(stream) % spec.size]
+    else:
+        stream = b"".join(spec._unsplit(m) for m in msgs)
+    expected, consumed = split(spec, stream)
+    assert consumed == len(stream)
+    cuts = sorted({c for c in cuts if 0 < c < len(stream)}) + [len(stream)]
+    with fastmux.Loop(backend=backend) as loop:
+        fac = Factory(Recorder)
+        server = loop.listen(("127.0.0.1", 0), fac, framing=spec)
+        p = Peer.connect(server.address)
+        try:
+            prev = 0
+            for cut in cuts:
+                p.send(stream[prev:cut])
+                run_until(loop, lambda: loop.stats()["bytes_in"] >= cut, peers=[p])
+                prev = cut
+            run_until(loop, lambda: fac.made and len(fac[0].messages) >= len(expected), peers=[p])
+            assert fac[0].messages == expected
+        finally:
+            p.close()
