@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 
@@ -48,6 +48,19 @@ kwargs = {}
 if want_c():
     kwargs["cffi_modules"] = ["fastmux/_build.py:ffibuilder", "fastmux/_loadgen_build.py:ffibuilder"]
     kwargs["cmdclass"] = {"build_ext": optional_build_ext}
+    # The dispatch accelerator (csrc/speedups.c): plain limited-API C.
+    san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] \
+        if os.environ.get("FASTMUX_SANITIZE") == "1" else []
+    kwargs["ext_modules"] = [
+        Extension(
+            "fastmux._speedups",
+            ["csrc/speedups.c"],
+            py_limited_api=True,
+            define_macros=[("Py_LIMITED_API", "0x030A0000")],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"] + san,
+            extra_link_args=san,
+        )
+    ]
     # cffi emits Py_LIMITED_API code; tag the wheel abi3 for the oldest
     # CPython our cffi floor supports.
     kwargs["options"] = {"bdist_wheel": {"py_limited_api": "cp310"}}

@@ -47,13 +47,13 @@
 
 typedef struct fm_loop fm_loop;
 
-/* The batch filled by fm_poll(), in struct-of-arrays form. The arrays stay at
- * the same address for the loop's life; `arena` may move between polls. */
+/* The batch filled by fm_poll(): n events of four uint32 each, laid out
+ * flat -- ev[4i] kind, ev[4i+1] id, ev[4i+2] start, ev[4i+3] end -- so Python
+ * converts the whole batch with one ffi.unpack.  `ev` stays at the same
+ * address for the loop's life; `arena` (message bytes) may move between
+ * polls. */
 typedef struct fm_batch {
-    uint8_t *kind;
-    int32_t *id;
-    uint32_t *start;
-    uint32_t *end;
+    uint32_t *ev;
     char *arena;
     size_t used;
     int n;
@@ -68,6 +68,7 @@ typedef struct fm_stats {
     uint64_t writes;
     uint64_t polls;
     uint64_t emfile;
+    uint64_t messages_in;
     int64_t connections_open;
 } fm_stats;
 

@@ -178,6 +178,7 @@ int fm__frame(fm_loop *loop, fm_conn *c, const char *buf, size_t len,
             loop->batch.used += m;
             fm__emit(loop, FM_EV_MSG, c->slot, (uint32_t)at, (uint32_t)(at + m));
         }
+        loop->stats.messages_in += (uint64_t)k;
         done += got;
         if (toolarge) {
             *consumed = done;

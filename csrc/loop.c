@@ -116,16 +116,12 @@ fm_loop *fm_loop_new(void)
         return NULL;
     loop->epfd = loop->wakefd = loop->timerfd = loop->reserve_fd = -1;
     loop->cap = FM_BATCH_MAX + FM_BATCH_SLACK;
-    loop->batch.kind = malloc(loop->cap * sizeof *loop->batch.kind);
-    loop->batch.id = malloc(loop->cap * sizeof *loop->batch.id);
-    loop->batch.start = malloc(loop->cap * sizeof *loop->batch.start);
-    loop->batch.end = malloc(loop->cap * sizeof *loop->batch.end);
+    loop->batch.ev = malloc(4 * (size_t)loop->cap * sizeof *loop->batch.ev);
     loop->batch.arena = malloc(FM_ARENA_INIT);
     loop->arena_cap = FM_ARENA_INIT;
     loop->scratch = malloc(FM_READ_CHUNK);
     loop->framings = calloc(FM_MAX_FRAMINGS, sizeof *loop->framings);
-    if (!loop->batch.kind || !loop->batch.id || !loop->batch.start ||
-        !loop->batch.end || !loop->batch.arena || !loop->scratch ||
+    if (!loop->batch.ev || !loop->batch.arena || !loop->scratch ||
         !loop->framings || fm__open_fds(loop) < 0) {
         int saved = errno;
         fm_loop_free(loop);
@@ -172,10 +168,7 @@ void fm_loop_free(fm_loop *loop)
     free(loop->listeners);
     free(loop->watches);
     free(loop->framings);
-    free(loop->batch.kind);
-    free(loop->batch.id);
-    free(loop->batch.start);
-    free(loop->batch.end);
+    free(loop->batch.ev);
     free(loop->batch.arena);
     free(loop->scratch);
     free(loop);
@@ -218,12 +211,14 @@ int fm__batch_full(fm_loop *loop) { return loop->batch.n >= FM_BATCH_MAX; }
 int fm__emit(fm_loop *loop, int kind, int id, uint32_t start, uint32_t end)
 {
     int n = loop->batch.n;
+    uint32_t *ev;
     if ((uint32_t)n >= loop->cap)
         return -1;
-    loop->batch.kind[n] = (uint8_t)kind;
-    loop->batch.id[n] = id;
-    loop->batch.start[n] = start;
-    loop->batch.end[n] = end;
+    ev = loop->batch.ev + 4 * (size_t)n;
+    ev[0] = (uint32_t)kind;
+    ev[1] = (uint32_t)id;
+    ev[2] = start;
+    ev[3] = end;
     loop->batch.n = n + 1;
     return 0;
 }

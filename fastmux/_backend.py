@@ -14,9 +14,9 @@ Ids
     return a negative errno (EBADF/EPIPE) and do nothing.
 
 The batch
-    ``poll(timeout)`` returns ``(n, kinds, ids, starts, ends, blob)``: n events
-    as four parallel sequences plus one ``bytes`` object.  For EV_MSG the
-    payload is ``blob[start:end]``.  Events of one connection are in stream
+    ``poll(timeout)`` returns ``(n, ev, blob)``: n events laid out flat in the
+    sequence ``ev`` -- ``ev[4*i:4*i+4]`` is ``(kind, id, start, end)`` -- plus
+    one ``bytes`` object.  For EV_MSG the payload is ``blob[start:end]``.  Events of one connection are in stream
     order; ACCEPT/CONNECTED come before any MSG of that connection; CLOSED is
     its last event.  Event kinds and the meaning of start/end are the
     ``EV_*`` constants below (the same numbers as FM_EV_* in fastmux.h).
@@ -101,7 +101,7 @@ READ_CHUNK = 64 * 1024  # bytes asked for by one recv
 DEFAULT_HIGH = 64 * 1024  # write queue high watermark
 DEFAULT_LOW = 16 * 1024  # write queue low watermark
 
-Batch = Tuple[int, Sequence[int], Sequence[int], Sequence[int], Sequence[int], bytes]
+Batch = Tuple[int, Sequence[int], bytes]
 
 
 class Backend(Protocol):
@@ -143,6 +143,10 @@ class Backend(Protocol):
 
     def send(self, cid: int, data: bytes) -> int: ...
 
+    def send_many(self, items: list[tuple[int, bytes]]) -> None:
+        """``send`` for each ``(cid, data)``; results are not reported (a
+        connection that cannot send reports EV_CLOSED)."""
+
     def close(self, cid: int) -> None: ...
 
     def abort(self, cid: int) -> None: ...
@@ -167,7 +171,9 @@ class Backend(Protocol):
 
     def watch_remove(self, wid: int) -> None: ...
 
-    def stats(self) -> dict[str, int]: ...
+    def stats(self) -> dict[str, int]:
+        """Counters: accepted, rejected, bytes_in, bytes_out, reads, writes,
+        polls, emfile, messages_in, connections_open."""
 
     def after_fork(self) -> None: ...
 

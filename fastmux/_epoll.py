@@ -15,6 +15,13 @@ from typing import Any
 from ._backend import Batch
 from ._core import ffi, lib  # type: ignore[import-not-found]
 
+try:
+    if os.environ.get("FASTMUX_NO_SPEEDUPS") == "1":
+        raise ImportError("disabled by FASTMUX_NO_SPEEDUPS=1")
+    from ._speedups import dispatch as _c_dispatch  # type: ignore[import-not-found]
+except ImportError:
+    _c_dispatch = None
+
 _unpack = ffi.unpack
 _buffer = ffi.buffer
 
@@ -37,6 +44,13 @@ class EpollBackend:
             raise OSError(e, f"fastmux: cannot create the epoll loop: {os.strerror(e)}")
         self._loop = loop
         self._batch = lib.fm_loop_batch(loop)
+        self._ev = self._batch.ev  # fixed for the loop's life
+        self._ev_addr = int(ffi.cast("uintptr_t", self._ev))
+        self._n = 0
+        self._arena_addr = 0
+        # The C dispatch loop (csrc/speedups.c), when it is built: the loop
+        # then calls poll_raw/fast_dispatch/event instead of poll.
+        self.fast_dispatch = self._fast_dispatch if _c_dispatch is not None else None
         self._stats = lib.fm_loop_stats(loop)
         self._poll = lib.fm_poll
         self._send = lib.fm_send
@@ -56,16 +70,38 @@ class EpollBackend:
         if n <= 0:
             if n < 0:
                 raise OSError(-n, os.strerror(-n))
-            return 0, (), (), (), (), b""
+            return 0, (), b""
         b = self._batch
-        return (
-            n,
-            _unpack(b.kind, n),
-            _unpack(b.id, n),
-            _unpack(b.start, n),
-            _unpack(b.end, n),
-            _unpack(b.arena, b.used) if b.used else b"",
-        )
+        used = b.used
+        return n, _unpack(self._ev, 4 * n), _unpack(b.arena, used) if used else b""
+
+    def poll_raw(self, timeout: float | None) -> int:
+        """Like poll, but leave the batch in C for fast_dispatch/event."""
+        if timeout is None:
+            ms = -1
+        elif timeout <= 0:
+            ms = 0
+        else:
+            ms = int(timeout * 1000.0) + 1
+            if ms > 0x7FFFFFFF:
+                ms = 0x7FFFFFFF
+        n = self._poll(self._loop, ms)
+        if n < 0:
+            raise OSError(-n, os.strerror(-n))
+        self._n = n
+        if n:
+            self._arena_addr = int(ffi.cast("uintptr_t", self._batch.arena))
+        return n
+
+    def _fast_dispatch(self, i: int, conns: list[Any]) -> tuple[int, BaseException | None]:
+        """Deliver the batch's messages from event i on, in C; returns
+        (index of the first event not handled, a handler's Exception)."""
+        return _c_dispatch(self._ev_addr, self._arena_addr, self._n, i, conns)  # type: ignore[no-any-return,misc]
+
+    def event(self, i: int) -> tuple[int, int, int, int]:
+        """Event i of the batch left by poll_raw: (kind, id, start, end)."""
+        ev, j = self._ev, 4 * i
+        return ev[j], ev[j + 1], ev[j + 2], ev[j + 3]
 
     def has_pending(self) -> bool:
         return bool(lib.fm_has_pending(self._loop))
@@ -101,6 +137,11 @@ class EpollBackend:
 
     def send(self, cid: int, data: bytes) -> int:
         return int(self._send(self._loop, cid, data, len(data)))
+
+    def send_many(self, items: list[tuple[int, bytes]]) -> None:
+        send, loop = self._send, self._loop
+        for cid, data in items:
+            send(loop, cid, data, len(data))
 
     def close(self, cid: int) -> None:
         lib.fm_close(self._loop, cid)
@@ -149,6 +190,7 @@ class EpollBackend:
             "writes": s.writes,
             "polls": s.polls,
             "emfile": s.emfile,
+            "messages_in": s.messages_in,
             "connections_open": s.connections_open,
         }
 

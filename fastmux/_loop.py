@@ -424,6 +424,8 @@ class Loop:
     def __init__(self, backend: str = "auto") -> None:
         self._backend: Any = make_backend(backend)
         self.backend: str = self._backend.name
+        # The backend's C message loop, if it has one (see _dispatch_fast).
+        self._fast: Optional[Callable[..., Any]] = getattr(self._backend, "fast_dispatch", None)
         self._conns: List[Optional[Connection]] = []
         self._live: Dict[int, Connection] = {}  # id(conn) -> conn, until on_close
         self._servers: Dict[int, Server] = {}
@@ -448,7 +450,6 @@ class Loop:
         self._sig_wsock: Optional[socket.socket] = None
         self._sig_wid = -1
         self._sig_old_wakeup = -1
-        self._messages_in = 0
         self._messages_out = 0
         _all_loops.add(self)
 
@@ -483,10 +484,15 @@ class Loop:
                     timeout = 0
                 elif timeout is None or due < timeout:
                     timeout = due
-            n, kinds, ids, starts, ends, blob = self._backend.poll(timeout)
-            ran = n
-            if n:
-                self._dispatch(kinds, ids, starts, ends, blob)
+            if self._fast is not None:
+                ran = n = self._backend.poll_raw(timeout)
+                if n:
+                    self._dispatch_fast(n)
+            else:
+                n, ev, blob = self._backend.poll(timeout)
+                ran = n
+                if n:
+                    self._dispatch(ev, blob)
             if self._timers:
                 ran += self._run_timers()
             for _ in range(ntodo):
@@ -502,12 +508,12 @@ class Loop:
             self._in_iteration = False
         return ran
 
-    def _dispatch(self, kinds: Any, ids: Any, starts: Any, ends: Any, blob: bytes) -> None:
+    def _dispatch(self, ev: Any, blob: bytes) -> None:
         conns = self._conns
-        self._messages_in += kinds.count(1)
         self._in_batch = True
+        it = iter(ev)
         try:
-            for k, cid, s, e in zip(kinds, ids, starts, ends):
+            for k, cid, s, e in zip(it, it, it, it):
                 if k == 1:  # EV_MSG, the hot path
                     c = conns[cid]
                     if c._deliver:  # type: ignore[union-attr]
@@ -519,6 +525,32 @@ class Loop:
                         c._defer(blob[s:e])  # type: ignore[union-attr]
                 else:
                     self._event(k, cid, s, e)
+        finally:
+            self._in_batch = False
+            if self._deferring:
+                deferring, self._deferring = self._deferring, []
+                for c in deferring:
+                    c._push_back()
+
+    def _dispatch_fast(self, n: int) -> None:
+        """_dispatch with its message loop in C (csrc/speedups.c), which
+        does for EV_MSG exactly what _dispatch does and hands every other
+        event back to _event."""
+        conns = self._conns
+        fast = self._fast
+        event = self._backend.event
+        self._in_batch = True
+        try:
+            i = 0
+            while i < n:
+                j, exc = fast(i, conns)  # type: ignore[misc]
+                if exc is not None:
+                    c = conns[event(j - 1)[1]]
+                    self._handler_failed(c, exc, "on_message")  # type: ignore[arg-type]
+                elif j < n:
+                    self._event(*event(j))
+                    j += 1
+                i = j
         finally:
             self._in_batch = False
             if self._deferring:
@@ -638,17 +670,18 @@ class Loop:
 
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, []
-        send = self._backend.send
+        out = []
         nout = 0
         for c in dirty:
             wb = c._wbuf
-            if not wb:
-                continue
-            if c._cid >= 0:
-                nout += len(wb)
-                send(c._cid, wb[0] if len(wb) == 1 else b"".join(wb))
-            wb.clear()
+            if wb:
+                if c._cid >= 0:
+                    nout += len(wb)
+                    out.append((c._cid, wb[0] if len(wb) == 1 else b"".join(wb)))
+                wb.clear()
         self._messages_out += nout
+        if out:
+            self._backend.send_many(out)
 
     def _run_timers(self) -> int:
         timers = self._timers
@@ -731,6 +764,35 @@ class Loop:
         self._teardown_signals()
         if not self._forked:
             self._backend.close_all()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop accepting, close every connection gracefully (queued output
+        is flushed), and abort the ones still flushing after `timeout`
+        seconds.  Outside ``run()`` this runs the loop until every
+        ``on_close`` has run; from a callback it starts the shutdown and
+        returns (the loop keeps running; stop it when you like)."""
+        self._check_usable()
+        for server in list(self._servers.values()):
+            server.close()
+        for c in list(self._live.values()):
+            c.close()
+        if self._running or self._in_iteration:
+            self.call_later(timeout, self._abort_all)
+            return
+        deadline = time.monotonic() + timeout
+        while self._live and time.monotonic() < deadline:
+            self.run_once(max(0.0, min(0.1, deadline - time.monotonic())))
+        if self._live:
+            self._abort_all()
+            # Aborts complete on the next poll; bounded in case of a bug.
+            for _ in range(100):
+                if not self._live:
+                    break
+                self.run_once(0.01)
+
+    def _abort_all(self) -> None:
+        for c in list(self._live.values()):
+            c.abort()
 
     def __del__(self) -> None:
         # A loop dropped without close(): release the core's fds and memory
@@ -1049,9 +1111,9 @@ class Loop:
         """Counters: connections_open, accepted, rejected, bytes_in,
         bytes_out, messages_in, messages_out, and backend details."""
         s = self._backend.stats() if not self._closed else {}
-        s["messages_in"] = self._messages_in
         s["messages_out"] = self._messages_out
-        for key in ("connections_open", "accepted", "rejected", "bytes_in", "bytes_out"):
+        for key in ("connections_open", "accepted", "rejected", "bytes_in", "bytes_out",
+                    "messages_in"):
             s.setdefault(key, 0)
         return s
 

@@ -272,10 +272,8 @@ class SelectBackend:
         # The batch being built (only inside poll) and the events waiting
         # for the next one.
         self._in_poll = False
-        self._kinds: List[int] = []
-        self._ids: List[int] = []
-        self._starts: List[int] = []
-        self._ends: List[int] = []
+        self._ev: List[int] = []  # (kind, id, start, end) per event, flat
+        self._messages_in = 0
         self._parts: List[bytes] = []
         self._off = 0
         self._pending: Deque[_Event] = deque()
@@ -305,7 +303,7 @@ class SelectBackend:
         """Wait up to `timeout` seconds (None: forever), do all ready I/O and
         return the batch ``(n, kinds, ids, starts, ends, blob)``."""
         if self._closed:
-            return 0, [], [], [], [], b""
+            return 0, [], b""
         # The loop has dispatched the previous batch: the ids it closed are
         # now safe to reuse.
         for cid in self._free_cids:
@@ -319,13 +317,13 @@ class SelectBackend:
         self._free_lids = []
         self._free_wids = []
         self._polls += 1
-        self._kinds, self._ids, self._starts, self._ends = [], [], [], []
+        self._ev = []
         self._parts = []
         self._off = 0
         self._in_poll = True
         try:
             # Events queued since the last poll happened first.
-            while self._pending and len(self._kinds) < BATCH_MAX:
+            while self._pending and len(self._ev) < 4 * BATCH_MAX:
                 self._put(*self._pending.popleft())
             ready = self._sel.select(self._wait_time(timeout))
             self._now = now = time.monotonic()
@@ -334,16 +332,16 @@ class SelectBackend:
             self._check_idle(now)
         finally:
             self._in_poll = False
-        kinds = self._kinds
-        self._kinds = []
+        ev = self._ev
+        self._ev = []
         blob = b"".join(self._parts)
         self._parts = []
-        return len(kinds), kinds, self._ids, self._starts, self._ends, blob
+        return len(ev) >> 2, ev, blob
 
     def _wait_time(self, timeout: float | None) -> float | None:
         """How long select may block: not at all if there is work already,
         never past a listener's back-off or a connection's idle deadline."""
-        if self._kinds or self._pending or self._ready or self._ready_l:
+        if self._ev or self._pending or self._ready or self._ready_l:
             return 0.0
         deadline: float | None = None
         for lis in self._listeners.values():
@@ -426,7 +424,7 @@ class SelectBackend:
         """Events that still fit in this batch (0 outside poll or once spilled)."""
         if not self._in_poll or self._pending:
             return 0
-        return BATCH_MAX - len(self._kinds)
+        return BATCH_MAX - (len(self._ev) >> 2)
 
     def _put(self, kind: int, ident: int, start: int, end: int,
              payload: Optional[bytes]) -> None:
@@ -436,12 +434,10 @@ class SelectBackend:
             self._off += len(payload)
             end = self._off
             self._parts.append(payload)
+            self._messages_in += 1
         elif kind == EV_CLOSED:
             self._free_cids.append(ident)
-        self._kinds.append(kind)
-        self._ids.append(ident)
-        self._starts.append(start)
-        self._ends.append(end)
+        self._ev += (kind, ident, start, end)
 
     def _emit(self, kind: int, ident: int, start: int, end: int,
               payload: Optional[bytes] = None) -> None:
@@ -842,6 +838,11 @@ class SelectBackend:
 
     # -------------------------------------------------------------- writing
 
+    def send_many(self, items: List[Tuple[int, bytes]]) -> None:
+        """``send`` for each ``(cid, data)`` (the loop's end-of-iteration flush)."""
+        for cid, data in items:
+            self.send(cid, data)
+
     def send(self, cid: int, data: bytes) -> int:
         """Queue `data` and try to send it now; returns the bytes still
         queued, or -errno if the connection cannot send any more."""
@@ -1018,6 +1019,7 @@ class SelectBackend:
             "writes": self._writes,
             "polls": self._polls,
             "emfile": self._emfile,
+            "messages_in": self._messages_in,
             "connections_open": self._open,
         }
 
