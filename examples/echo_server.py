@@ -9,10 +9,12 @@ import signal
 
 import fastmux
 
-
-class Echo(fastmux.Handler):
-    def on_message(self, conn: fastmux.Connection, data: bytes) -> None:
-        conn.write(data + b"\n")
+# The handler is shared with `python -m fastmux echo`; it is just:
+#
+#     class Echo(fastmux.Handler):
+#         def on_message(self, conn, data):
+#             conn.write(data + b"\n")
+from fastmux._cli import Echo
 
 
 def main() -> None:

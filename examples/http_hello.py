@@ -13,20 +13,16 @@ import signal
 
 import fastmux
 
-BODY = b"Hello, world!"
-RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-            b"Connection: keep-alive\r\n\r\n%s" % (len(BODY), BODY))
-CLOSE_RESPONSE = RESPONSE.replace(b"keep-alive", b"close")
-
-
-class Hello(fastmux.Handler):
-    def on_message(self, conn: fastmux.Connection, request: bytes) -> None:
-        # Only the request line and Connection header matter to this server.
-        if b"\r\nconnection: close" in request.lower():
-            conn.write(CLOSE_RESPONSE)
-            conn.close()
-        else:
-            conn.write(RESPONSE)
+# The handler is shared with `python -m fastmux http`; it is just:
+#
+#     class Hello(fastmux.Handler):
+#         def on_message(self, conn, request):
+#             if b"\r\nconnection: close" in request.lower():
+#                 conn.write(HELLO_CLOSE_RESPONSE)
+#                 conn.close()
+#             else:
+#                 conn.write(HELLO_RESPONSE)
+from fastmux._cli import HTTP_FRAMING, Hello
 
 
 def main() -> None:
@@ -36,8 +32,7 @@ def main() -> None:
     p.add_argument("--backend", default="auto")
     args = p.parse_args()
     with fastmux.Loop(backend=args.backend) as loop:
-        server = loop.listen((args.host, args.port), Hello,
-                             framing=fastmux.Delimiter(b"\r\n\r\n", max_size=64 * 1024))
+        server = loop.listen((args.host, args.port), Hello, framing=HTTP_FRAMING)
         loop.add_signal_handler(signal.SIGINT, loop.stop)
         loop.add_signal_handler(signal.SIGTERM, loop.stop)
         print(f"http on http://{server.address[0]}:{server.address[1]}/ "

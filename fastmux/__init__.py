@@ -26,6 +26,7 @@ from ._loop import (
     Server,
     TimerHandle,
 )
+from ._workers import WorkerPool, serve
 
 try:
     from importlib.metadata import PackageNotFoundError, version as _version
@@ -56,5 +57,7 @@ __all__ = [
     "DEFAULT_MAX_SIZE",
     "DEFAULT_MAX_WRITE_BUFFER",
     "epoll_available",
+    "WorkerPool",
+    "serve",
     "__version__",
 ]

@@ -28,12 +28,16 @@ def test_constants_match_the_header(core) -> None:
 
 
 def test_cdef_is_read_from_the_header(core) -> None:
-    from fastmux import _build
+    # _build reads csrc/fastmux.h when imported: look for the header first
+    # (an installed wheel has no csrc/ beside the package).
+    import fastmux
 
-    here = os.path.dirname(os.path.abspath(_build.__file__))
+    here = os.path.dirname(os.path.abspath(fastmux.__file__))
     header = os.path.join(os.path.dirname(here), "csrc", "fastmux.h")
     if not os.path.exists(header):
         pytest.skip("source tree not available (installed wheel)")
+    from fastmux import _build
+
     cdef = _build.read_cdef(header)
     # Every function the header declares is exported by the compiled module.
     names = re.findall(r"\b(fm_[a-z_]+)\(", cdef)
