@@ -9,11 +9,10 @@ import socket
 from typing import Any, List
 
 import pytest
+from conftest import BACKENDS, Pair, recv_exactly
 
 import fastmux
 from fastmux import _framing
-
-from conftest import BACKENDS, Pair, recv_exactly
 
 MSG = bytes(range(64))
 BATCH = MSG * 16  # 16 messages of 64 B arrive in one read

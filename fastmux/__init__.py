@@ -29,7 +29,8 @@ from ._loop import (
 from ._workers import WorkerPool, serve
 
 try:
-    from importlib.metadata import PackageNotFoundError, version as _version
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _version
 
     __version__ = _version("fastmux")
 except PackageNotFoundError:  # running from a source tree without install

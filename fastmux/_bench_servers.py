@@ -121,6 +121,7 @@ def _protocol_class(mode: str) -> type:
 def serve_asyncio(sock: socket.socket, mode: str, use_uvloop: bool) -> None:
     import asyncio
 
+    loop: asyncio.AbstractEventLoop
     if use_uvloop:
         import uvloop
         loop = uvloop.new_event_loop()

@@ -91,12 +91,12 @@ class EpollBackend:
         self._n = n
         if n:
             self._arena_addr = int(ffi.cast("uintptr_t", self._batch.arena))
-        return n
+        return int(n)
 
     def _fast_dispatch(self, i: int, conns: list[Any]) -> tuple[int, BaseException | None]:
         """Deliver the batch's messages from event i on, in C; returns
         (index of the first event not handled, a handler's Exception)."""
-        return _c_dispatch(self._ev_addr, self._arena_addr, self._n, i, conns)  # type: ignore[no-any-return,misc]
+        return _c_dispatch(self._ev_addr, self._arena_addr, self._n, i, conns)  # type: ignore[no-any-return]
 
     def event(self, i: int) -> tuple[int, int, int, int]:
         """Event i of the batch left by poll_raw: (kind, id, start, end)."""

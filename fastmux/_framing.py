@@ -11,7 +11,7 @@ the C framers (csrc/framing.c) against it byte for byte.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Literal, Tuple
 
 from ._errors import MessageTooLarge
 
@@ -247,7 +247,7 @@ def split_until_error(spec: Framing, buf: bytes, start: int = 0
             pos = i + seplen
     if kind == _FR_LENGTH:
         hs = spec._n
-        order = "little" if spec._little else "big"
+        order: Literal["little", "big"] = "little" if spec._little else "big"
         limit = spec._max
         while end - pos >= hs:
             n = int.from_bytes(buf[pos:pos + hs], order)

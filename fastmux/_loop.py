@@ -485,7 +485,7 @@ class Loop:
                 elif timeout is None or due < timeout:
                     timeout = due
             if self._fast is not None:
-                ran = n = self._backend.poll_raw(timeout)
+                ran = n = int(self._backend.poll_raw(timeout))
                 if n:
                     self._dispatch_fast(n)
             else:
@@ -516,13 +516,13 @@ class Loop:
             for k, cid, s, e in zip(it, it, it, it):
                 if k == 1:  # EV_MSG, the hot path
                     c = conns[cid]
-                    if c._deliver:  # type: ignore[union-attr]
+                    if c._deliver:
                         try:
-                            c._on_message(c, blob[s:e])  # type: ignore[union-attr,arg-type]
+                            c._on_message(c, blob[s:e])
                         except Exception as exc:
-                            self._handler_failed(c, exc, "on_message")  # type: ignore[arg-type]
-                    elif not c._closed:  # type: ignore[union-attr]
-                        c._defer(blob[s:e])  # type: ignore[union-attr]
+                            self._handler_failed(c, exc, "on_message")
+                    elif not c._closed:
+                        c._defer(blob[s:e])
                 else:
                     self._event(k, cid, s, e)
         finally:
@@ -546,7 +546,7 @@ class Loop:
                 j, exc = fast(i, conns)  # type: ignore[misc]
                 if exc is not None:
                     c = conns[event(j - 1)[1]]
-                    self._handler_failed(c, exc, "on_message")  # type: ignore[arg-type]
+                    self._handler_failed(c, exc, "on_message")
                 elif j < n:
                     self._event(*event(j))
                     j += 1

@@ -251,6 +251,9 @@ class SelectBackend:
         self._wake_r, self._wake_w = self._wake_pair()
         self._wake_tag = _Wake()
         self._sel.register(self._wake_r.fileno(), _EV_R, self._wake_tag)
+        # A spare fd for the EMFILE trick (as csrc/listen.c): when the fd
+        # table is full, close it, accept-and-close the backlog, reopen it.
+        self._reserve = self._open_reserve()
 
         self._specs: List[Framing] = []
         self._conns: Dict[int, _Conn] = {}  # live connections and zombies
@@ -541,6 +544,8 @@ class SelectBackend:
                         continue
                     if code in (errno.EMFILE, errno.ENFILE):
                         self._emfile += 1
+                        if self._shed_backlog(lsock):
+                            return
                     # Out of fds/memory, or the fd is no longer a listener:
                     # a level-triggered selector would report it again at
                     # once, so stop listening for a while instead of spinning.
@@ -550,6 +555,38 @@ class SelectBackend:
                 self._on_accepted(lis, sock)
         finally:
             lsock.detach()
+
+    @staticmethod
+    def _open_reserve() -> int:
+        try:
+            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return -1
+
+    def _shed_backlog(self, lsock: socket.socket) -> bool:
+        """Out of fds: close the reserve fd, accept and close every pending
+        connection (the peers see an orderly close, not a hang), reopen the
+        reserve.  False if there was no reserve fd (back off instead)."""
+        if self._reserve < 0:
+            self._reserve = self._open_reserve()
+            return False
+        os.close(self._reserve)
+        self._reserve = -1
+        try:
+            while True:
+                try:
+                    s, _ = lsock.accept()
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    if _errno_of(exc) in _ACCEPT_SKIP:
+                        continue
+                    break
+                s.close()
+                self._rejected += 1
+        finally:
+            self._reserve = self._open_reserve()
+        return True
 
     def _on_accepted(self, lis: _Listener, sock: socket.socket) -> None:
         if 0 <= lis.max_conns <= lis.open:
@@ -1073,3 +1110,6 @@ class SelectBackend:
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
+        if self._reserve >= 0:
+            os.close(self._reserve)
+            self._reserve = -1

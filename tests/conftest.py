@@ -27,10 +27,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
+import support  # noqa: E402
+
 import fastmux  # noqa: E402
 from fastmux import _backend  # noqa: E402
-
-import support  # noqa: E402
 
 BACKENDS = ["epoll", "select"]
 

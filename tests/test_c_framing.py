@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from fastmux import _backend, _framing
 from fastmux._framing import Delimiter, Fixed, LengthPrefixed, Lines, Raw
 
+
 @pytest.fixture(scope="module")
 def c_split():
     """The C framer; these tests compare it with the model, so they need the

@@ -7,9 +7,9 @@ import socket
 import time
 
 import pytest
+from support import Echo, Factory, Recorder, run_until, spin
 
 import fastmux
-from support import Echo, Factory, Recorder, run_until, spin
 
 
 @contextlib.contextmanager

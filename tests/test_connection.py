@@ -8,11 +8,21 @@ import socket
 import time
 
 import pytest
+from support import (
+    DEADLINE,
+    Echo,
+    Factory,
+    Recorder,
+    dup_socket,
+    get_sockopt_on_fd,
+    pattern,
+    run_until,
+    set_sockopt_on_fd,
+    spin,
+)
 
 import fastmux
 from fastmux._backend import READ_BUDGET
-from support import (DEADLINE, Echo, Factory, Recorder, dup_socket, get_sockopt_on_fd, pattern,
-                     run_until, set_sockopt_on_fd, spin)
 
 LOCAL = ("127.0.0.1", 0)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 
 import pytest
+from support import Echo, Factory, Recorder, close_if_open, pattern, run_until, spin
 
 import fastmux
-from support import close_if_open, Echo, Factory, Recorder, pattern, run_until, spin
 
 
 class LineEcho(Echo):

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import Factory, Peer, Recorder, run_until
 
 import fastmux
 from fastmux import Delimiter, Fixed, LengthPrefixed, Lines, Raw
 from fastmux._framing import split
-from support import Factory, Peer, Recorder, run_until
 
 
 def _lp_case(hs, order):

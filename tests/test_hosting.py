@@ -14,10 +14,10 @@ import os
 import socket
 
 import pytest
+from support import Echo, Factory, Recorder, set_sockopt_on_fd
 
 import fastmux
 from fastmux._backend import READ_BUDGET
-from support import Echo, Factory, Recorder, set_sockopt_on_fd
 
 HOST_DEADLINE = 10.0
 

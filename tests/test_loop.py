@@ -10,11 +10,10 @@ import threading
 import time
 
 import pytest
+from support import DEADLINE, Echo, Factory, Recorder, run_until, spin
 
 import fastmux
 from fastmux import _backend
-from support import DEADLINE, Echo, Factory, Recorder, run_until, spin
-
 
 # --- construction and errors -------------------------------------------------------
 
