@@ -65,7 +65,8 @@ static int fm__split(const fm_framing *f, const char *buf, size_t len,
                 /* Bytes that cannot start a separator are known clean. */
                 size_t clean = len >= f->seplen - 1 ? len - (f->seplen - 1) : 0;
                 *scan = clean > pos ? clean - pos : 0;
-                if (len - pos > f->max + f->seplen - 1)
+                /* Written so that max near UINT64_MAX cannot wrap. */
+                if (len - pos > f->max && len - pos - f->max > f->seplen - 1)
                     *toolarge = 1;
                 break;
             }

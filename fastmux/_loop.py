@@ -824,6 +824,7 @@ class Loop:
         self._backend.after_fork()
         for s in self._servers.values():
             s._sock.close()
+            s._unix_path = None  # the parent's path: never unlink it from the child
         for sock in (self._sig_rsock, self._sig_wsock):
             if sock is not None:
                 sock.close()
