@@ -16,10 +16,11 @@ Ids
 The batch
     ``poll(timeout)`` returns ``(n, ev, blob)``: n events laid out flat in the
     sequence ``ev`` -- ``ev[4*i:4*i+4]`` is ``(kind, id, start, end)`` -- plus
-    one ``bytes`` object.  For EV_MSG the payload is ``blob[start:end]``.  Events of one connection are in stream
-    order; ACCEPT/CONNECTED come before any MSG of that connection; CLOSED is
-    its last event.  Event kinds and the meaning of start/end are the
-    ``EV_*`` constants below (the same numbers as FM_EV_* in fastmux.h).
+    one ``bytes`` object.  For EV_MSG the payload is ``blob[start:end]``.
+    Events of one connection are in stream order; ACCEPT/CONNECTED come
+    before any MSG of that connection; CLOSED is its last event.  Event
+    kinds and the meaning of start/end are the ``EV_*`` constants below
+    (the same numbers as FM_EV_* in fastmux.h).
 
 Reading (edge-triggered rules, identical on both backends)
     * A readable connection is read until EAGAIN, a short read, EOF, or its

@@ -34,7 +34,8 @@ class Framing:
         return (self._kind,)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Framing) and type(other) is type(self) and other._key() == self._key()
+        return (isinstance(other, Framing) and type(other) is type(self)
+                and other._key() == self._key())
 
     def __hash__(self) -> int:
         return hash(self._key())

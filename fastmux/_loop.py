@@ -798,7 +798,7 @@ class Loop:
         # A loop dropped without close(): release the core's fds and memory
         # (connections are not told; that needs close()).
         if not getattr(self, "_closed", True) and not self._forked:
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1, source=self)
             self._closed = True
             try:
                 self._backend.close_all()

@@ -14,7 +14,8 @@ Why this backend behaves like the edge-triggered C core
       batch (BATCH_MAX events), goes on ``self._ready`` and the next poll
       does not block.  Messages already split but left out of a full batch
       wait on the connection, which is not read again until they are out,
-      so a flood of tiny messages cannot grow its input without bound.  The selector would re-report most of those fds
+      so a flood of tiny messages cannot grow its input without bound.
+      The selector would re-report most of those fds
       anyway, but not bytes already sitting in our own input buffer (after
       ``resume``, ``pushback`` or ``set_framing``), so the ready list is what
       makes those cases work, exactly as in C.

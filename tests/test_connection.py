@@ -441,7 +441,7 @@ def test_on_drain_when_one_iterations_writes_exceeded_high(loop, peers):
 def test_write_buffer_size_counts_unsent_bytes(loop, peers):
     fac = Factory(Firehose)
     server = loop.listen(LOCAL, fac)
-    p = peers.connect(server.address, rcvbuf=4096)
+    peers.connect(server.address, rcvbuf=4096)
     run_until(loop, lambda: fac.opened)
     conn = fac[0].conn
     spin(loop, 5)  # kernel buffers are full; the rest is queued
@@ -638,7 +638,7 @@ def test_unix_peer_info(loop, peers, tmp_path):
     path = str(tmp_path / "info.sock")
     fac = Factory()
     loop.listen(path, fac)
-    p = peers.connect(path)
+    peers.connect(path)
     run_until(loop, lambda: fac.opened)
     assert fac[0].conn.sockname == path
     assert os.get_blocking(fac[0].conn.fileno()) is False

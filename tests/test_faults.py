@@ -25,10 +25,10 @@ import threading
 import time
 
 import pytest
+from support import DEADLINE, Echo, Factory, Recorder, pattern, run_until, spin
 
 import fastmux
 from fastmux import _backend
-from support import DEADLINE, Echo, Factory, Recorder, pattern, run_until, spin
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -755,7 +755,7 @@ def test_slowloris_idle_connections_closed_while_active_served(loop, tmp_path):
 def test_fork_child_builds_own_loop_parent_unaffected(loop, peers, tmp_path):
     fac = Factory(LineEcho)
     path = str(tmp_path / "parent")
-    server = loop.listen(path, fac, framing=fastmux.Lines())
+    loop.listen(path, fac, framing=fastmux.Lines())
     p = peers.connect(path)
     p.send(b"before\n")
     run_until(loop, lambda: p.received == b"before\n", peers=[p])

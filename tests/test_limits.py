@@ -11,10 +11,10 @@ import struct
 import time
 
 import pytest
+from support import Echo, Factory, Recorder, pattern, run_until, spin
 
 import fastmux
 from fastmux import _backend
-from support import Echo, Factory, Recorder, pattern, run_until, spin
 
 
 class LineEcho(Echo):
