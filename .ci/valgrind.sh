@@ -45,11 +45,19 @@ for err in errors:
     frames = err.findall("./stack/frame")
     objs = [f.findtext("obj") or "" for f in frames]
     fns = [f.findtext("fn") or "" for f in frames]
-    # Ours: a frame in the core's C functions (fm_*) or in the dispatch
-    # accelerator.  cffi's own import-time caches pass through _core.so's
-    # generated wrappers, so the object name alone would blame us for them.
-    if any(fn.startswith("fm_") for fn in fns) or any(
-            o.endswith("_speedups.abi3.so") for o in objs):
+    # Whose is it?  The first frame, from the allocation or error site out,
+    # that is not in libc, the loader, valgrind or the interpreter itself:
+    # ours if it is in one of fastmux's modules.  (A leak made by cffi or
+    # by interpreter code merely running under our dispatch loop is not.)
+    owner = ""
+    for o, fn in zip(objs, fns):
+        base = os.path.basename(o)
+        if (base.startswith(("libc.", "libc-", "ld-linux", "vgpreload", "libpython"))
+                or base.startswith("python3")):
+            continue
+        owner = o + ":" + fn
+        break
+    if "/fastmux/_" in owner or ":fm_" in owner:
         kind = err.findtext("kind")
         what = err.findtext("what") or err.findtext("./xwhat/text") or ""
         ours.append((kind, what, [fn for fn in fns if fn][:8]))

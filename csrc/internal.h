@@ -11,13 +11,14 @@
 
 #include "fastmux.h"
 
-#define FM_READ_CHUNK (64 * 1024)       /* bytes asked for by one recv        */
+#define FM_READ_CHUNK (256 * 1024)      /* bytes asked for by one recv        */
 #define FM_READ_BUDGET (256 * 1024)     /* bytes per connection per poll      */
 #define FM_ACCEPT_BUDGET 128            /* accepts per listener per poll      */
 #define FM_BATCH_MAX 4096               /* events per batch (soft limit)      */
 #define FM_BATCH_SLACK 1024             /* room kept for CLOSED/EOF events    */
 #define FM_MAX_EVENTS 1024              /* epoll_wait maxevents               */
 #define FM_ARENA_INIT (1024 * 1024)     /* arena size; grows for big messages */
+#define FM_ARENA_SOFT (4 * 1024 * 1024) /* a batch stops taking reads past it */
 #define FM_IO_MAX 0x7ffff000u           /* largest count one syscall takes    */
 #define FM_DEFAULT_HIGH (64 * 1024)     /* write queue high watermark         */
 #define FM_DEFAULT_LOW (16 * 1024)      /* write queue low watermark          */

@@ -206,7 +206,12 @@ fm_batch *fm_loop_batch(fm_loop *loop) { return &loop->batch; }
 
 fm_stats *fm_loop_stats(fm_loop *loop) { return &loop->stats; }
 
-int fm__batch_full(fm_loop *loop) { return loop->batch.n >= FM_BATCH_MAX; }
+/* Full: no more reads this poll.  The arena bound keeps a batch of many
+ * large reads from growing memory; one message larger than it still fits. */
+int fm__batch_full(fm_loop *loop)
+{
+    return loop->batch.n >= FM_BATCH_MAX || loop->batch.used >= FM_ARENA_SOFT;
+}
 
 int fm__emit(fm_loop *loop, int kind, int id, uint32_t start, uint32_t end)
 {

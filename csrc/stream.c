@@ -355,12 +355,20 @@ static void fm__conn_read(fm_loop *loop, fm_conn *c)
         char *dst;
         ssize_t n;
         int from_scratch = c->in.len == 0;
+        int raw = loop->framings[c->framing].kind == FM_FR_RAW;
 
         if (budget == 0 || fm__batch_full(loop)) {
             fm__ready_push(loop, c);
             return;
         }
-        if (from_scratch) {
+        if (from_scratch && raw) {
+            /* Raw: a read is a message; receive it straight into the arena. */
+            dst = fm__arena_reserve(loop, FM_READ_CHUNK);
+            if (dst == NULL) {
+                fm__ready_push(loop, c);
+                return;
+            }
+        } else if (from_scratch) {
             dst = loop->scratch;
         } else {
             if (fm__buf_reserve(&c->in, FM_READ_CHUNK) < 0) {
@@ -387,7 +395,12 @@ static void fm__conn_read(fm_loop *loop, fm_conn *c)
         budget = (size_t)n >= budget ? 0 : budget - (size_t)n;
         if (c->flags & FM_C_IDLE_LINKED)
             fm__idle_touch(loop, c);
-        if (from_scratch) {
+        if (from_scratch && raw) {
+            size_t at = loop->batch.used;
+            loop->batch.used += (size_t)n;
+            loop->stats.messages_in++;
+            fm__emit(loop, FM_EV_MSG, c->slot, (uint32_t)at, (uint32_t)(at + (size_t)n));
+        } else if (from_scratch) {
             size_t consumed = 0, rest;
             int rc;
             c->scan = 0;

@@ -98,7 +98,7 @@ FR_FIXED = 3
 READ_BUDGET = 256 * 1024  # bytes read from one connection per poll
 ACCEPT_BUDGET = 128  # connections accepted from one listener per poll
 BATCH_MAX = 4096  # events in one batch
-READ_CHUNK = 64 * 1024  # bytes asked for by one recv
+READ_CHUNK = 256 * 1024  # bytes asked for by one recv
 DEFAULT_HIGH = 64 * 1024  # write queue high watermark
 DEFAULT_LOW = 16 * 1024  # write queue low watermark
 
