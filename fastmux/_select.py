@@ -276,6 +276,7 @@ class SelectBackend:
         # The batch being built (only inside poll) and the events waiting
         # for the next one.
         self._in_poll = False
+        self._rview = memoryview(bytearray(READ_CHUNK))  # the one recv buffer
         self._ev: List[int] = []  # (kind, id, start, end) per event, flat
         self._messages_in = 0
         self._parts: List[bytes] = []
@@ -771,7 +772,9 @@ class SelectBackend:
         while True:
             want = min(READ_CHUNK, budget)
             try:
-                data = sock.recv(want)
+                # Into one reused buffer: recv(256 KiB) would allocate (and
+                # with glibc often mmap and munmap) a large bytes per read.
+                n = sock.recv_into(self._rview, want)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -779,12 +782,11 @@ class SelectBackend:
                 self._update(c)
                 break
             self._reads += 1
-            if not data:
+            if not n:
                 c.eof_seen = True
                 self._update(c)
                 break
-            n = len(data)
-            buf += data
+            buf += self._rview[:n]
             got += n
             budget -= n
             if n < want:
