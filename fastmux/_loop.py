@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import errno as _errno
 import heapq
-import itertools
 import logging
 import os
 import signal
@@ -431,7 +430,7 @@ class Loop:
         self._servers: Dict[int, Server] = {}
         self._ready: Deque[Handle] = collections.deque()
         self._timers: List[TimerHandle] = []
-        self._timer_seq = itertools.count()
+        self._timer_seq = 0  # timers made so far; orders equal deadlines
         self._timers_cancelled = 0
         self._armed_deadline: Optional[float] = None
         self._dirty: List[Connection] = []
@@ -476,6 +475,7 @@ class Loop:
                 self._flush()
             ready = self._ready
             ntodo = len(ready)
+            seq_limit = self._timer_seq  # timers made from here on wait
             if ntodo or self._stopping:
                 timeout = 0
             elif self._timers:
@@ -494,7 +494,7 @@ class Loop:
                 if n:
                     self._dispatch(ev, blob)
             if self._timers:
-                ran += self._run_timers()
+                ran += self._run_timers(seq_limit)
             for _ in range(ntodo):
                 h = ready.popleft()
                 if not h._cancelled:
@@ -683,11 +683,13 @@ class Loop:
         if out:
             self._backend.send_many(out)
 
-    def _run_timers(self) -> int:
+    def _run_timers(self, seq_limit: int) -> int:
+        """Run the due timers made before this iteration began (one made
+        during it, even with delay 0, runs in the next)."""
         timers = self._timers
         now = time.monotonic()
         ran = 0
-        while timers and timers[0].when <= now:
+        while timers and timers[0].when <= now and timers[0]._seq < seq_limit:
             h = heapq.heappop(timers)
             if h._cancelled:
                 self._timers_cancelled -= 1
@@ -856,7 +858,9 @@ class Loop:
     def call_at(self, when: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
         """Run ``fn(*args)`` no earlier than ``loop.time() == when``."""
         self._check_usable()
-        h = TimerHandle(when, next(self._timer_seq), fn, args, self)
+        seq = self._timer_seq
+        self._timer_seq = seq + 1
+        h = TimerHandle(when, seq, fn, args, self)
         heapq.heappush(self._timers, h)
         if self._hosted and not self._in_iteration:
             self._keep_fd_honest()

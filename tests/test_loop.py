@@ -91,6 +91,23 @@ def test_callbacks_scheduled_during_iteration_run_in_next(loop):
     assert got == ["first", "second"]
 
 
+def test_timers_scheduled_during_iteration_run_in_next(loop):
+    """call_later(0)/call_at(past) made by a callback is a callback scheduled
+    during the iteration: it runs in the next one, not in the same timer phase."""
+    got = []
+
+    def first():
+        got.append("first")
+        loop.call_later(0, got.append, "later0")
+        loop.call_at(loop.time() - 1, got.append, "past")
+
+    loop.call_soon(first)
+    loop.run_once(0)
+    assert got == ["first"]
+    loop.run_once(0)
+    assert got == ["first", "past", "later0"]  # deadline order
+
+
 def test_run_once_returns_dispatch_count(loop):
     for _ in range(3):
         loop.call_soon(lambda: None)
