@@ -64,7 +64,10 @@ EOF
 }
 
 step "build the sdist and the abi3 manylinux wheel"
-wheel=$(bash .ci/build_wheel.sh "$work/dist" | tee /dev/stderr | tail -n 1)
+# (Not `tee /dev/stderr`: reopening stderr truncates a log file it points to.)
+bash .ci/build_wheel.sh "$work/dist" > "$work/build_wheel.out"
+cat "$work/build_wheel.out"
+wheel=$(tail -n 1 "$work/build_wheel.out")
 sdist=$(ls "$work"/dist/fastmux-*.tar.gz)
 [ -f "$wheel" ] || fail "no wheel from build_wheel.sh"
 
