@@ -464,27 +464,43 @@ static void fm__after_flush(fm_loop *loop, fm_conn *c)
     }
 }
 
-/* Send queued output until EAGAIN.  Returns 0, or -errno if it died. */
-static int fm__flush(fm_loop *loop, fm_conn *c)
+/* send(2) buf until it is all sent, EAGAIN or a short write; *sent says how
+ * much went.  Returns 0, or -errno after killing the connection. */
+static int fm__send_some(fm_loop *loop, fm_conn *c, const char *buf, size_t len,
+                         size_t *sent)
 {
-    while (c->out.len > 0) {
-        size_t want = c->out.len < FM_IO_MAX ? c->out.len : FM_IO_MAX;
-        ssize_t n = send(c->fd, c->out.p + c->out.off, want, MSG_NOSIGNAL);
+    size_t done = 0;
+    while (done < len) {
+        size_t want = len - done < FM_IO_MAX ? len - done : FM_IO_MAX;
+        ssize_t n = send(c->fd, buf + done, want, MSG_NOSIGNAL);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 break;
             int err = errno;
+            *sent = done;
             fm__conn_kill(loop, c, err, FM_R_ERROR);
             return -err;
         }
         loop->stats.writes++;
         loop->stats.bytes_out += (uint64_t)n;
-        fm__buf_consume(&c->out, (size_t)n);
+        done += (size_t)n;
         if ((size_t)n < want)
             break; /* short write: the send buffer is full */
     }
+    *sent = done;
+    return 0;
+}
+
+/* Send queued output until EAGAIN.  Returns 0, or -errno if it died. */
+static int fm__flush(fm_loop *loop, fm_conn *c)
+{
+    size_t sent;
+    int rc = fm__send_some(loop, c, c->out.p + c->out.off, c->out.len, &sent);
+    if (rc < 0)
+        return rc;
+    fm__buf_consume(&c->out, sent);
     fm__after_flush(loop, c);
     return 0;
 }
@@ -504,24 +520,9 @@ int64_t fm_send(fm_loop *loop, int cid, const char *data, size_t len)
     if (c->out.len + len > c->high)
         c->flags |= FM_C_WANT_DRAIN;
     if (c->out.len == 0 && !(c->flags & FM_C_CONNECTING)) {
-        while (done < len) {
-            size_t want = len - done < FM_IO_MAX ? len - done : FM_IO_MAX;
-            ssize_t n = send(c->fd, data + done, want, MSG_NOSIGNAL);
-            if (n < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
-                    break;
-                int err = errno;
-                fm__conn_kill(loop, c, err, FM_R_ERROR);
-                return -err;
-            }
-            loop->stats.writes++;
-            loop->stats.bytes_out += (uint64_t)n;
-            done += (size_t)n;
-            if ((size_t)n < want)
-                break;
-        }
+        int rc = fm__send_some(loop, c, data, len, &done);
+        if (rc < 0)
+            return rc;
         if (done == len) {
             if (c->flags & FM_C_WANT_DRAIN) {
                 c->flags |= FM_C_DRAIN_DUE;

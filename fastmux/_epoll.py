@@ -57,16 +57,7 @@ class EpollBackend:
         self._closed = False
 
     def poll(self, timeout: float | None) -> Batch:
-        if timeout is None:
-            ms = -1
-        elif timeout <= 0:
-            ms = 0
-        else:
-            # Round up: epoll_wait must not return before a timer is due.
-            ms = int(timeout * 1000.0) + 1
-            if ms > 0x7FFFFFFF:
-                ms = 0x7FFFFFFF
-        n = self._poll(self._loop, ms)
+        n = self._poll(self._loop, _timeout_ms(timeout))
         if n <= 0:
             if n < 0:
                 raise OSError(-n, os.strerror(-n))
@@ -77,15 +68,7 @@ class EpollBackend:
 
     def poll_raw(self, timeout: float | None) -> int:
         """Like poll, but leave the batch in C for fast_dispatch/event."""
-        if timeout is None:
-            ms = -1
-        elif timeout <= 0:
-            ms = 0
-        else:
-            ms = int(timeout * 1000.0) + 1
-            if ms > 0x7FFFFFFF:
-                ms = 0x7FFFFFFF
-        n = self._poll(self._loop, ms)
+        n = self._poll(self._loop, _timeout_ms(timeout))
         if n < 0:
             raise OSError(-n, os.strerror(-n))
         self._n = n
@@ -202,6 +185,16 @@ class EpollBackend:
             self._closed = True
             lib.fm_loop_free(self._loop)
             self._loop = ffi.NULL
+
+
+def _timeout_ms(timeout: float | None) -> int:
+    """epoll_wait's timeout: -1 forever, else milliseconds rounded up, so
+    that the poll never returns before a timer is due."""
+    if timeout is None:
+        return -1
+    if timeout <= 0:
+        return 0
+    return min(int(timeout * 1000.0) + 1, 0x7FFFFFFF)
 
 
 def _ms(seconds: float) -> int:

@@ -164,11 +164,7 @@ class Server:
         self._loop._servers.pop(self._lid, None)
         self._sock.close()
         if self._unix_path:
-            try:
-                if os.stat(self._unix_path).st_ino == self._unix_ino:
-                    os.unlink(self._unix_path)
-            except OSError:
-                pass
+            unlink_socket_path(self._unix_path, self._unix_ino)
 
     def __repr__(self) -> str:
         return f"<fastmux.Server {self.address!r}{' closed' if self.closed else ''}>"
@@ -1125,6 +1121,16 @@ class Loop:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("running" if self._running else "idle")
         return f"<fastmux.Loop backend={self.backend} {state}>"
+
+
+def unlink_socket_path(path: str, ino: Optional[int]) -> None:
+    """Remove the Unix socket file at `path` if it is still the one we bound
+    (same inode): another process may have bound the path since."""
+    try:
+        if os.stat(path).st_ino == ino:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _noop_signal_handler(signum: int, frame: Any) -> None:

@@ -34,7 +34,15 @@ import time
 from typing import Any, Dict, List, Optional
 
 from ._framing import Framing
-from ._loop import Address, Connection, Handler, HandlerFactory, Loop, _bound_socket
+from ._loop import (
+    Address,
+    Connection,
+    Handler,
+    HandlerFactory,
+    Loop,
+    _bound_socket,
+    unlink_socket_path,
+)
 
 __all__ = ["WorkerPool", "serve"]
 
@@ -465,11 +473,7 @@ class WorkerPool:
             self._sock.close()
             self._sock = None
         if self._unix_path:
-            try:
-                if os.stat(self._unix_path).st_ino == self._unix_ino:
-                    os.unlink(self._unix_path)
-            except OSError:
-                pass
+            unlink_socket_path(self._unix_path, self._unix_ino)
 
     # -- the worker process --------------------------------------------------
 
