@@ -2,11 +2,13 @@
  * speedups.c -- the message-dispatch loop of fastmux/_loop.py, in C.
  *
  * cffi cannot create Python objects from C, so a batch crosses into Python
- * as integers that Python must decode, slice and dispatch one by one: about
- * 250 ns a message in the interpreter.  This module (limited API, so the
- * abi3 wheel keeps working) runs the same loop over the C batch directly:
- * for each message it builds the bytes straight from the arena and calls
- * the connection's on_message, about 100 ns a message.
+ * as integers that Python must decode, slice and dispatch one by one.  This
+ * module (limited API, so the abi3 wheel keeps working) runs the same loop
+ * over the C batch directly: for each message it builds the bytes straight
+ * from the arena and calls the connection's on_message.  Measured with
+ * benchmarks/callgrind_dispatch.py (16 x 64 B per read, echo handler): about
+ * 1,000 fewer instructions a message than the Python loop, which is 45 % of
+ * fastmux's user-space overhead above a hand-written floor.
  *
  * It is an accelerator, not a second implementation of the rules: it
  * handles only FM_EV_MSG events and does exactly what Loop._dispatch does

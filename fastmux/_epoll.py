@@ -1,9 +1,12 @@
 """EpollBackend: the C core behind the Backend protocol.
 
-This is the only module that imports the compiled ``fastmux._core``.  Each
-method is one cffi call; ``poll`` makes one call per loop iteration and turns
-the C batch into Python sequences with four ``ffi.unpack`` calls and one
-copy of the message arena (research/cffi-core.md: about 85 ns a message).
+This is the only module that imports the compiled modules ``fastmux._core``
+and ``fastmux._speedups``.  Each method is one cffi call.  ``poll`` makes one
+call per loop iteration and turns the flat C batch into a list with one
+``ffi.unpack`` plus one copy of the message arena.  When the dispatch
+accelerator is built, the loop uses ``poll_raw`` instead and
+``fast_dispatch`` delivers messages straight from the arena
+(csrc/speedups.c); ``event`` reads the other events one by one.
 """
 
 from __future__ import annotations
