@@ -970,17 +970,23 @@ class Loop:
         if not isinstance(framing, Framing):
             raise TypeError(f"framing must be a framing spec, got {framing!r}")
         fid = self._framing_id(framing)
+        if sock is None and address is None:
+            raise ValueError("connect() needs an address or sock=")
+        # Before any socket exists: a factory that raises leaks nothing.
+        handler = handler_factory()
         err = 0
         if sock is None:
-            if address is None:
-                raise ValueError("connect() needs an address or sock=")
+            assert address is not None
             family, addr = _resolve(address, passive=False)
             sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            err = sock.connect_ex(addr)
+            try:
+                sock.setblocking(False)
+                err = sock.connect_ex(addr)
+            except BaseException:
+                sock.close()
+                raise
         else:
             sock.setblocking(False)
-        handler = handler_factory()
         if err not in (0, _errno.EINPROGRESS, _errno.EAGAIN):
             sock.close()
             c = Connection(self, -1, -1, framing)

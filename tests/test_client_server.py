@@ -174,3 +174,24 @@ def test_listen_on_busy_port_raises(loop):
             loop.listen(s.getsockname(), Factory(Recorder))
     finally:
         s.close()
+
+
+def test_connect_factory_error_propagates_and_leaks_nothing(loop):
+    """A handler factory that raises inside connect() raises to the caller;
+    no socket is left open (the autouse leak check would see it)."""
+    server = loop.listen(("127.0.0.1", 0), fastmux.Handler)
+
+    def broken() -> fastmux.Handler:
+        raise RuntimeError("factory failed")
+
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with pytest.raises(RuntimeError, match="factory failed"):
+            loop.connect(server.address, broken)
+        gc.collect()
+    unclosed = [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not unclosed, f"connect() leaked a socket: {unclosed[0].message}"
+    assert loop.stats()["connections_open"] == 0
