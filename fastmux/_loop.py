@@ -522,11 +522,7 @@ class Loop:
                 else:
                     self._event(k, cid, s, e)
         finally:
-            self._in_batch = False
-            if self._deferring:
-                deferring, self._deferring = self._deferring, []
-                for c in deferring:
-                    c._push_back()
+            self._end_batch()
 
     def _dispatch_fast(self, n: int) -> None:
         """_dispatch with its message loop in C (csrc/speedups.c), which
@@ -548,11 +544,16 @@ class Loop:
                     j += 1
                 i = j
         finally:
-            self._in_batch = False
-            if self._deferring:
-                deferring, self._deferring = self._deferring, []
-                for c in deferring:
-                    c._push_back()
+            self._end_batch()
+
+    def _end_batch(self) -> None:
+        """After a batch: hand the messages deferred by pause_reading or
+        set_framing back to the backend, as raw bytes to re-frame."""
+        self._in_batch = False
+        if self._deferring:
+            deferring, self._deferring = self._deferring, []
+            for c in deferring:
+                c._push_back()
 
     def _event(self, kind: int, cid: int, start: int, end: int) -> None:
         if kind == EV_ACCEPT:
