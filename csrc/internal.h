@@ -114,6 +114,7 @@ struct fm_loop {
     int hosted;              /* fm_loop_fd() was called: keep the fd honest */
     int forked;
     int wake_pending;        /* only the first fm_wakeup() writes          */
+    int in_poll;             /* inside fm_poll: no need to wake a host     */
 
     fm_batch batch;
     size_t arena_cap;
@@ -152,6 +153,7 @@ int fm__emit(fm_loop *loop, int kind, int id, uint32_t start, uint32_t end);
 int fm__batch_full(fm_loop *loop);
 char *fm__arena_reserve(fm_loop *loop, size_t n);
 void fm__ready_push(fm_loop *loop, fm_conn *c);
+void fm__owe_poll(fm_loop *loop);
 uint64_t fm__tag(int type, uint32_t gen, int slot);
 fm_conn *fm__conn_get(fm_loop *loop, int cid);
 

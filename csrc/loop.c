@@ -258,6 +258,18 @@ void fm__ready_push(fm_loop *loop, fm_conn *c)
     else
         loop->ready_head = c;
     loop->ready_tail = c;
+    fm__owe_poll(loop);
+}
+
+/* Work was queued for the next poll (ready list, dying list).  Inside
+ * fm_poll the end of the poll takes care of a host; outside it (Python
+ * called fm_resume, fm_close, fm_set_framing ... between iterations) a
+ * hosting loop must see the fd become readable now, or it sleeps with our
+ * work queued. */
+void fm__owe_poll(fm_loop *loop)
+{
+    if (loop->hosted && !loop->in_poll)
+        fm_wakeup(loop);
 }
 
 fm_conn *fm__conn_get(fm_loop *loop, int cid)
@@ -415,7 +427,7 @@ static void fm__run_ready(fm_loop *loop)
     }
 }
 
-int fm_poll(fm_loop *loop, int timeout_ms)
+static int fm__poll(fm_loop *loop, int timeout_ms)
 {
     fm_conn *c;
     int n, i;
@@ -481,10 +493,17 @@ int fm_poll(fm_loop *loop, int timeout_ms)
                 fm__emit(loop, FM_EV_READABLE, slot, 0, 0);
             break;
         case FM_T_WAKE: {
+            /* Drain first, then clear: a wake-up made between the two
+             * finds the flag still set and writes nothing, but its work
+             * is already queued and Python looks at its queues after this
+             * poll.  Clearing first would let that write land before the
+             * drain and be eaten, leaving the flag set over an empty
+             * eventfd: every later fm_wakeup() would then write nothing
+             * and the loop could sleep with work queued. */
             uint64_t v;
-            __atomic_store_n(&loop->wake_pending, 0, __ATOMIC_RELEASE);
             while (read(loop->wakefd, &v, sizeof v) > 0)
                 ;
+            __atomic_store_n(&loop->wake_pending, 0, __ATOMIC_RELEASE);
             break;
         }
         case FM_T_TIMER: {
@@ -503,4 +522,13 @@ int fm_poll(fm_loop *loop, int timeout_ms)
     if (loop->hosted && fm_has_pending(loop))
         fm_wakeup(loop);
     return loop->batch.n;
+}
+
+int fm_poll(fm_loop *loop, int timeout_ms)
+{
+    int n;
+    loop->in_poll = 1;
+    n = fm__poll(loop, timeout_ms);
+    loop->in_poll = 0;
+    return n;
 }

@@ -270,6 +270,7 @@ void fm__conn_kill(fm_loop *loop, fm_conn *c, int err, int reason)
     }
     c->ready_next = loop->dying;
     loop->dying = c;
+    fm__owe_poll(loop);
 }
 
 void fm__conn_free(fm_loop *loop, fm_conn *c)

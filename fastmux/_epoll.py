@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import threading
 from typing import Any
 
 from ._backend import Batch
@@ -58,6 +59,7 @@ class EpollBackend:
         self._poll = lib.fm_poll
         self._send = lib.fm_send
         self._closed = False
+        self._wake_lock = threading.Lock()
 
     def poll(self, timeout: float | None) -> Batch:
         n = self._poll(self._loop, _timeout_ms(timeout))
@@ -93,7 +95,11 @@ class EpollBackend:
         return bool(lib.fm_has_pending(self._loop))
 
     def wakeup(self) -> None:
-        lib.fm_wakeup(self._loop)
+        # Any thread: the lock keeps a wake-up from racing close_all()
+        # into freed memory.
+        with self._wake_lock:
+            if not self._closed:
+                lib.fm_wakeup(self._loop)
 
     def set_timer(self, deadline: float | None) -> None:
         lib.fm_set_timer(self._loop, -1 if deadline is None else int(deadline * 1e9))
@@ -184,10 +190,12 @@ class EpollBackend:
         lib.fm_loop_after_fork(self._loop)
 
     def close_all(self) -> None:
-        if not self._closed:
+        with self._wake_lock:
+            if self._closed:
+                return
             self._closed = True
-            lib.fm_loop_free(self._loop)
-            self._loop = ffi.NULL
+        lib.fm_loop_free(self._loop)
+        self._loop = ffi.NULL
 
 
 def _timeout_ms(timeout: float | None) -> int:

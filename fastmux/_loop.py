@@ -721,9 +721,12 @@ class Loop:
             self._stopping = False
 
     def stop(self) -> None:
-        """Make ``run()`` return after the current iteration."""
+        """Make ``run()`` return after the current iteration.  Safe to call
+        from another thread: a loop blocked in its poll is woken."""
         self._stopping = True
-        if not self._in_iteration and not self._closed:
+        if not self._closed:
+            # Even inside an iteration: "inside" may be another thread's
+            # view of a loop that is blocked in its poll right now.
             self._backend.wakeup()
 
     def is_running(self) -> bool:
