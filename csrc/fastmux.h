@@ -114,7 +114,6 @@ int fm_pushback(fm_loop *loop, int cid, const char *data, size_t len,
                 int reemit_eof);
 int fm_set_write_limits(fm_loop *loop, int cid, uint64_t high, uint64_t low);
 int64_t fm_write_buffer_size(fm_loop *loop, int cid);
-int fm_conn_fd(fm_loop *loop, int cid);
 
 int fm_watch_add(fm_loop *loop, int fd);   /* level: FM_EV_READABLE per poll */
 int fm_watch_remove(fm_loop *loop, int wid);
@@ -128,11 +127,16 @@ int fm_split(int kind, uint64_t max_size, uint32_t n, const char *sep,
              uint32_t *starts, uint32_t *ends, int maxout, size_t *consumed,
              int *toolarge);
 
-/* Limits, for tests and docs: fm_const(FM_C_*). */
-#define FM_C_READ_BUDGET 0     /* bytes read from one connection per poll      */
-#define FM_C_ACCEPT_BUDGET 1   /* connections accepted per listener per poll   */
-#define FM_C_BATCH_MAX 2       /* events in one batch                          */
-#define FM_C_READ_CHUNK 3      /* bytes asked for by one recv                  */
+/* Limits, for tests and docs: fm_const(FM_CONST_*) is FM_<name>, the value
+ * fastmux/_constants.py must hold too. */
+#define FM_CONST_READ_BUDGET 0       /* bytes read from one connection per poll */
+#define FM_CONST_ACCEPT_BUDGET 1     /* accepts per listener per poll           */
+#define FM_CONST_BATCH_MAX 2         /* events in one batch                     */
+#define FM_CONST_READ_CHUNK 3        /* bytes asked for by one recv             */
+#define FM_CONST_DEFAULT_HIGH 4      /* write queue high watermark              */
+#define FM_CONST_DEFAULT_LOW 5       /* write queue low watermark               */
+#define FM_CONST_DISCARD_MAX 6       /* input discarded before a close          */
+#define FM_CONST_EMFILE_BACKOFF_MS 7 /* accept pause when out of fds            */
 int64_t fm_const(int which);
 /* FM_CDEF_END */
 

@@ -71,10 +71,14 @@ uint64_t fm__tag(int type, uint32_t gen, int slot)
 int64_t fm_const(int which)
 {
     switch (which) {
-    case FM_C_READ_BUDGET: return FM_READ_BUDGET;
-    case FM_C_ACCEPT_BUDGET: return FM_ACCEPT_BUDGET;
-    case FM_C_BATCH_MAX: return FM_BATCH_MAX;
-    case FM_C_READ_CHUNK: return FM_READ_CHUNK;
+    case FM_CONST_READ_BUDGET: return FM_READ_BUDGET;
+    case FM_CONST_ACCEPT_BUDGET: return FM_ACCEPT_BUDGET;
+    case FM_CONST_BATCH_MAX: return FM_BATCH_MAX;
+    case FM_CONST_READ_CHUNK: return FM_READ_CHUNK;
+    case FM_CONST_DEFAULT_HIGH: return FM_DEFAULT_HIGH;
+    case FM_CONST_DEFAULT_LOW: return FM_DEFAULT_LOW;
+    case FM_CONST_DISCARD_MAX: return FM_DISCARD_MAX;
+    case FM_CONST_EMFILE_BACKOFF_MS: return FM_EMFILE_BACKOFF_MS;
     }
     return -1;
 }

@@ -27,7 +27,7 @@
 #include <Python.h>
 #include <stdint.h>
 
-#define EV_MSG 1
+#include "fastmux.h" /* FM_EV_MSG: the event kinds have one source */
 
 static PyObject *s_deliver, *s_closed, *s_on_message, *s_defer;
 
@@ -54,7 +54,7 @@ static PyObject *dispatch(PyObject *self, PyObject *args)
         PyObject *conn, *data, *flag, *r;
         int deliver;
 
-        if (e[0] != EV_MSG)
+        if (e[0] != FM_EV_MSG)
             break;
         conn = PyList_GetItem(conns, (Py_ssize_t)e[1]); /* borrowed */
         if (conn == NULL)

@@ -724,9 +724,3 @@ int64_t fm_write_buffer_size(fm_loop *loop, int cid)
     fm_conn *c = fm__conn_get(loop, cid);
     return c ? (int64_t)c->out.len : -EBADF;
 }
-
-int fm_conn_fd(fm_loop *loop, int cid)
-{
-    fm_conn *c = fm__conn_get(loop, cid);
-    return c ? c->fd : -EBADF;
-}

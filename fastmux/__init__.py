@@ -8,6 +8,7 @@ pure-Python ``selectors`` backend.  See README.md.
 from __future__ import annotations
 
 from ._backend import epoll_available
+from ._constants import DEFAULT_MAX_SIZE, DEFAULT_MAX_WRITE_BUFFER
 from ._errors import (
     BackendUnavailable,
     ConnectionClosed,
@@ -16,9 +17,8 @@ from ._errors import (
     MessageTooLarge,
     WriteBufferFull,
 )
-from ._framing import DEFAULT_MAX_SIZE, Delimiter, Fixed, Framing, LengthPrefixed, Lines, Raw
+from ._framing import Delimiter, Fixed, Framing, LengthPrefixed, Lines, Raw
 from ._loop import (
-    DEFAULT_MAX_WRITE_BUFFER,
     Connection,
     Handle,
     Handler,

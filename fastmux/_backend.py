@@ -20,7 +20,7 @@ The batch
     Events of one connection are in stream order; ACCEPT/CONNECTED come
     before any MSG of that connection; CLOSED is its last event.  Event
     kinds and the meaning of start/end are the ``EV_*`` constants below
-    (the same numbers as FM_EV_* in fastmux.h).
+    (fastmux/_constants.py, the same numbers as FM_EV_* in fastmux.h).
 
 Reading (edge-triggered rules, identical on both backends)
     * A readable connection is read until EAGAIN, a short read, EOF, or its
@@ -71,47 +71,41 @@ from typing import Any, Protocol, Sequence, Tuple
 
 from ._errors import BackendUnavailable
 
-# Event kinds -- must equal FM_EV_* in csrc/fastmux.h (a test checks).
-EV_MSG = 1  # id=conn; blob[start:end] is the payload
-EV_ACCEPT = 2  # id=new conn; start=listener id; end=fd
-EV_CONNECTED = 3  # id=conn
-EV_EOF = 4  # id=conn
-EV_CLOSED = 5  # id=conn; start=errno or 0; end=R_* reason
-EV_DRAIN = 6  # id=conn
-EV_READABLE = 7  # id=watch id
-
-# Close reasons -- FM_R_* in fastmux.h.
-R_NONE = 0
-R_ERROR = 1
-R_TOOLARGE = 2
-R_WBUFFULL = 3
-R_IDLE = 4
-
-# Framing kinds -- FM_FR_* in fastmux.h.
-FR_RAW = 0
-FR_DELIM = 1
-FR_LENGTH = 2
-FR_FIXED = 3
-
-# Limits shared by both backends (the C core reports its own through
-# fm_const and a test checks they agree).
-READ_BUDGET = 256 * 1024  # bytes read from one connection per poll
-ACCEPT_BUDGET = 128  # connections accepted from one listener per poll
-BATCH_MAX = 4096  # events in one batch
-READ_CHUNK = 256 * 1024  # bytes asked for by one recv
-DEFAULT_HIGH = 64 * 1024  # write queue high watermark
-DEFAULT_LOW = 16 * 1024  # write queue low watermark
-
 Batch = Tuple[int, Sequence[int], bytes]
 
 
+class FastPath(Protocol):
+    """The optional fast path: a backend whose batch stays in native memory
+    and whose message loop runs natively.  The loop then calls ``poll_raw``
+    instead of ``poll``, hands the batch to ``fast_dispatch`` and reads the
+    events it leaves (every kind but EV_MSG) one by one with ``event``."""
+
+    def poll_raw(self, timeout: float | None) -> int:
+        """Like ``poll``, but keep the batch; returns the number of events."""
+
+    def fast_dispatch(self, i: int, conns: list[Any]) -> tuple[int, Exception | None]:
+        """Deliver the EV_MSG events from index i on, as ``Loop._dispatch``
+        does, to ``conns[id]``; stop at the first other event.  Returns the
+        index of the first event not handled and the Exception a handler
+        raised (then the event before that index was the one that raised)."""
+
+    def event(self, i: int) -> tuple[int, int, int, int]:
+        """Event i of the batch: (kind, id, start, end)."""
+
+
 class Backend(Protocol):
-    """The methods a backend provides.  See the module docstring."""
+    """The methods a backend provides.  See the module docstring.
+
+    A new backend (io_uring, kqueue) implements these and passes the suite
+    and tests/test_conformance.py; ``fast_path`` may return None."""
 
     name: str
 
     def poll(self, timeout: float | None) -> Batch:
         """Wait up to `timeout` seconds (None: forever) and do all ready I/O."""
+
+    def fast_path(self) -> FastPath | None:
+        """The backend's native message loop, or None (see FastPath)."""
 
     def has_pending(self) -> bool:
         """True if the next poll has work without waiting (ready list, events)."""
@@ -166,8 +160,6 @@ class Backend(Protocol):
 
     def write_buffer_size(self, cid: int) -> int: ...
 
-    def conn_fd(self, cid: int) -> int: ...
-
     def watch_add(self, fd: int) -> int: ...
 
     def watch_remove(self, wid: int) -> None: ...
@@ -193,7 +185,7 @@ def epoll_available() -> bool:
     return True
 
 
-def make_backend(name: str) -> Any:
+def make_backend(name: str) -> Backend:
     """Build the backend called `name` ("auto", "epoll" or "select")."""
     if name == "auto":
         forced = os.environ.get("FASTMUX_BACKEND")

@@ -4,7 +4,7 @@ The cdef is read from csrc/fastmux.h, between its FM_CDEF_BEGIN and
 FM_CDEF_END markers, so the header stays the one description of the ABI.
 
 ``FASTMUX_SANITIZE=1`` builds with AddressSanitizer and UBSan (see
-scripts/sanitize.sh); ``FASTMUX_DEBUG=1`` builds with -O0 -g.
+.ci/sanitize.sh); ``FASTMUX_DEBUG=1`` builds with -O0 -g.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import threading
 from typing import Any
 
 from ._backend import Batch
+from ._constants import SHARED
 from ._core import ffi, lib  # type: ignore[import-not-found]
 
 try:
@@ -52,9 +53,6 @@ class EpollBackend:
         self._ev_addr = int(ffi.cast("uintptr_t", self._ev))
         self._n = 0
         self._arena_addr = 0
-        # The C dispatch loop (csrc/speedups.c), when it is built: the loop
-        # then calls poll_raw/fast_dispatch/event instead of poll.
-        self.fast_dispatch = self._fast_dispatch if _c_dispatch is not None else None
         self._stats = lib.fm_loop_stats(loop)
         self._poll = lib.fm_poll
         self._send = lib.fm_send
@@ -71,6 +69,11 @@ class EpollBackend:
         used = b.used
         return n, _unpack(self._ev, 4 * n), _unpack(b.arena, used) if used else b""
 
+    def fast_path(self) -> EpollBackend | None:
+        """This backend, when the C dispatch loop (csrc/speedups.c) is built:
+        the loop then calls poll_raw/fast_dispatch/event instead of poll."""
+        return self if _c_dispatch is not None else None
+
     def poll_raw(self, timeout: float | None) -> int:
         """Like poll, but leave the batch in C for fast_dispatch/event."""
         n = self._poll(self._loop, _timeout_ms(timeout))
@@ -81,7 +84,7 @@ class EpollBackend:
             self._arena_addr = int(ffi.cast("uintptr_t", self._batch.arena))
         return int(n)
 
-    def _fast_dispatch(self, i: int, conns: list[Any]) -> tuple[int, BaseException | None]:
+    def fast_dispatch(self, i: int, conns: list[Any]) -> tuple[int, Exception | None]:
         """Deliver the batch's messages from event i on, in C; returns
         (index of the first event not handled, a handler's Exception)."""
         return _c_dispatch(self._ev_addr, self._arena_addr, self._n, i, conns)  # type: ignore[no-any-return]
@@ -162,9 +165,6 @@ class EpollBackend:
     def write_buffer_size(self, cid: int) -> int:
         return int(lib.fm_write_buffer_size(self._loop, cid))
 
-    def conn_fd(self, cid: int) -> int:
-        return int(lib.fm_conn_fd(self._loop, cid))
-
     def watch_add(self, fd: int) -> int:
         return _check(lib.fm_watch_add(self._loop, fd))
 
@@ -214,22 +214,16 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000.0 + 0.5))
 
 
-def core_constants() -> dict[str, Any]:
-    """The C core's limits and event numbers, for tests that check the
-    Python mirror in _backend.py agrees."""
-    return {
-        "READ_BUDGET": lib.fm_const(lib.FM_C_READ_BUDGET),
-        "ACCEPT_BUDGET": lib.fm_const(lib.FM_C_ACCEPT_BUDGET),
-        "BATCH_MAX": lib.fm_const(lib.FM_C_BATCH_MAX),
-        "READ_CHUNK": lib.fm_const(lib.FM_C_READ_CHUNK),
-        "EV_MSG": lib.FM_EV_MSG, "EV_ACCEPT": lib.FM_EV_ACCEPT,
-        "EV_CONNECTED": lib.FM_EV_CONNECTED, "EV_EOF": lib.FM_EV_EOF,
-        "EV_CLOSED": lib.FM_EV_CLOSED, "EV_DRAIN": lib.FM_EV_DRAIN,
-        "EV_READABLE": lib.FM_EV_READABLE,
-        "R_NONE": lib.FM_R_NONE, "R_ERROR": lib.FM_R_ERROR,
-        "R_TOOLARGE": lib.FM_R_TOOLARGE, "R_WBUFFULL": lib.FM_R_WBUFFULL,
-        "R_IDLE": lib.FM_R_IDLE,
-    }
+def core_constants() -> dict[str, int]:
+    """The shared numbers as the compiled core has them, by the names of
+    fastmux/_constants.py: limits through fm_const, the rest from the
+    header's defines (tests compare them with _constants)."""
+    out = {}
+    for name in SHARED:
+        selector = getattr(lib, "FM_CONST_" + name, None)
+        out[name] = int(lib.fm_const(selector) if selector is not None
+                        else getattr(lib, "FM_" + name))
+    return out
 
 
 def c_split(kind: int, max_size: int, n: int, sep: bytes, little: bool,

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from typing import List, Literal, Tuple
 
+from ._constants import DEFAULT_MAX_SIZE
+from ._constants import FR_DELIM as _FR_DELIM
+from ._constants import FR_FIXED as _FR_FIXED
+from ._constants import FR_LENGTH as _FR_LENGTH
+from ._constants import FR_RAW as _FR_RAW
 from ._errors import MessageTooLarge
-
-#: Default bound on one message's payload, in bytes (1 MiB).
-DEFAULT_MAX_SIZE = 1024 * 1024
-
-_FR_RAW, _FR_DELIM, _FR_LENGTH, _FR_FIXED = 0, 1, 2, 3
 
 
 class Framing:

@@ -22,18 +22,20 @@ import warnings
 import weakref
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
-from ._backend import (
+from ._backend import Backend, FastPath, make_backend
+from ._constants import (
+    DEFAULT_MAX_WRITE_BUFFER,
     EV_ACCEPT,
     EV_CLOSED,
     EV_CONNECTED,
     EV_DRAIN,
     EV_EOF,
+    EV_MSG,
     EV_READABLE,
     R_ERROR,
     R_IDLE,
     R_TOOLARGE,
     R_WBUFFULL,
-    make_backend,
 )
 from ._errors import ConnectionClosed, IdleTimeout, MessageTooLarge, WriteBufferFull
 from ._framing import Framing, Raw
@@ -42,10 +44,6 @@ logger = logging.getLogger("fastmux")
 
 Address = Union[Tuple[Any, ...], str]
 HandlerFactory = Callable[[], "Handler"]
-
-#: Default bound on a connection's queued output (64 MiB): a peer that stops
-#: reading while the handler keeps writing is cut off with WriteBufferFull.
-DEFAULT_MAX_WRITE_BUFFER = 64 * 1024 * 1024
 
 _DEFAULT_FRAMING = Raw()
 
@@ -138,8 +136,7 @@ class Server:
     accepted stay open."""
 
     def __init__(self, loop: "Loop", sock: socket.socket, lid: int,
-                 factory: HandlerFactory, framing: Framing, unix_path: Optional[str],
-                 options: Tuple[int, float]) -> None:
+                 factory: HandlerFactory, framing: Framing, unix_path: Optional[str]) -> None:
         self._loop = loop
         self._sock = sock
         self._lid = lid
@@ -147,7 +144,6 @@ class Server:
         self.framing = framing
         self._unix_path = unix_path
         self._unix_ino = os.stat(unix_path).st_ino if unix_path else None
-        self._options = options
         self.address: Address = sock.getsockname()
         self.closed = False
 
@@ -272,21 +268,16 @@ class Connection:
         """Flush queued output, then close.  ``on_close`` runs later."""
         if self._closed:
             return
-        self._closed = True
-        self._wclosed = True
-        self._deliver = False
         if self._cid >= 0:
             self._flush_now()
             self._loop._backend.close(self._cid)
+        self._end()
 
     def abort(self) -> None:
         """Close now, dropping queued output.  ``on_close`` runs later."""
         if self._closed and self._cid < 0:
             return
-        self._closed = True
-        self._wclosed = True
-        self._deliver = False
-        self._wbuf.clear()
+        self._end()
         if self._cid >= 0:
             self._loop._backend.abort(self._cid)
 
@@ -332,6 +323,14 @@ class Connection:
             self._start_deferring()
         self._framing = framing
         self._loop._backend.set_framing(self._cid, fid)
+
+    def _end(self) -> None:
+        """What every way of ending shares: no more writes, no deliveries,
+        output not yet handed to the backend dropped."""
+        self._closed = True
+        self._wclosed = True
+        self._deliver = False
+        self._wbuf.clear()
 
     def _start_deferring(self) -> None:
         self._deliver = False
@@ -417,10 +416,10 @@ class Loop:
     "select".  Raises BackendUnavailable for a backend this host lacks."""
 
     def __init__(self, backend: str = "auto") -> None:
-        self._backend: Any = make_backend(backend)
+        self._backend: Backend = make_backend(backend)
         self.backend: str = self._backend.name
-        # The backend's C message loop, if it has one (see _dispatch_fast).
-        self._fast: Optional[Callable[..., Any]] = getattr(self._backend, "fast_dispatch", None)
+        # The backend's native message loop, if it has one (_dispatch_fast).
+        self._fast: Optional[FastPath] = self._backend.fast_path()
         self._conns: List[Optional[Connection]] = []
         self._live: Dict[int, Connection] = {}  # id(conn) -> conn, until on_close
         self._servers: Dict[int, Server] = {}
@@ -480,10 +479,11 @@ class Loop:
                     timeout = 0
                 elif timeout is None or due < timeout:
                     timeout = due
-            if self._fast is not None:
-                ran = n = int(self._backend.poll_raw(timeout))
+            fast = self._fast
+            if fast is not None:
+                ran = n = fast.poll_raw(timeout)
                 if n:
-                    self._dispatch_fast(n)
+                    self._dispatch_fast(fast, n)
             else:
                 n, ev, blob = self._backend.poll(timeout)
                 ran = n
@@ -510,7 +510,7 @@ class Loop:
         it = iter(ev)
         try:
             for k, cid, s, e in zip(it, it, it, it):
-                if k == 1:  # EV_MSG, the hot path
+                if k == EV_MSG:  # the hot path
                     c = conns[cid]
                     if c._deliver:
                         try:
@@ -524,20 +524,21 @@ class Loop:
         finally:
             self._end_batch()
 
-    def _dispatch_fast(self, n: int) -> None:
-        """_dispatch with its message loop in C (csrc/speedups.c), which
+    def _dispatch_fast(self, fast: FastPath, n: int) -> None:
+        """_dispatch with its message loop native (csrc/speedups.c), which
         does for EV_MSG exactly what _dispatch does and hands every other
         event back to _event."""
         conns = self._conns
-        fast = self._fast
-        event = self._backend.event
+        dispatch = fast.fast_dispatch
+        event = fast.event
         self._in_batch = True
         try:
             i = 0
             while i < n:
-                j, exc = fast(i, conns)  # type: ignore[misc]
+                j, exc = dispatch(i, conns)
                 if exc is not None:
                     c = conns[event(j - 1)[1]]
+                    assert c is not None  # it was just handed a message
                     self._handler_failed(c, exc, "on_message")
                 elif j < n:
                     self._event(*event(j))
@@ -602,13 +603,8 @@ class Loop:
 
     def _accepted(self, cid: int, lid: int, fd: int) -> None:
         server = self._servers.get(lid)
-        conns = self._conns
-        if cid >= len(conns):
-            conns.extend([None] * (cid + 1 - len(conns)))
         framing = server.framing if server is not None else _DEFAULT_FRAMING
-        c = Connection(self, cid, fd, framing)
-        conns[cid] = c
-        self._live[id(c)] = c
+        c = self._adopt(Connection(self, cid, fd, framing))
         if server is None:  # closed while the accept was in flight
             c.abort()
             return
@@ -623,13 +619,19 @@ class Loop:
         except Exception as exc:
             self._handler_failed(c, exc, "on_open")
 
+    def _adopt(self, c: Connection) -> Connection:
+        """Enter a new connection in the id table and the live set."""
+        conns, cid = self._conns, c._cid
+        if cid >= len(conns):
+            conns.extend([None] * (cid + 1 - len(conns)))
+        conns[cid] = c
+        self._live[id(c)] = c
+        return c
+
     def _conn_closed(self, c: Connection, err: int, reason: int) -> None:
         self._conns[c._cid] = None
         c._cid = -1
-        c._closed = True
-        c._wclosed = True
-        c._deliver = False
-        c._wbuf.clear()
+        c._end()
         if c._connect_timer is not None:
             c._connect_timer.cancel()
             c._connect_timer = None
@@ -753,9 +755,7 @@ class Loop:
         if self._forked:
             self._live.clear()
         for c in list(self._live.values()):
-            c._closed = c._wclosed = True
-            c._deliver = False
-            c._wbuf.clear()
+            c._end()
             c._cid = -1
             self._run_on_close(c, c._exc)
         self._live.clear()
@@ -955,7 +955,7 @@ class Loop:
         mwb = int(max_write_buffer or 0)
         idle = float(idle_timeout or 0.0)
         self._backend.listener_set(lid, mwb, idle)
-        server = Server(self, sock, lid, handler_factory, framing, unix_path, (mwb, idle))
+        server = Server(self, sock, lid, handler_factory, framing, unix_path)
         self._servers[lid] = server
         return server
 
@@ -995,8 +995,7 @@ class Loop:
             sock.close()
             c = Connection(self, -1, -1, framing)
             c._set_handler(handler)
-            c._closed = c._wclosed = True
-            c._deliver = False
+            c._end()
             self._live[id(c)] = c
             exc = OSError(err, os.strerror(err))
             self._ready.append(Handle(self._run_on_close, (c, exc), self))
@@ -1009,13 +1008,8 @@ class Loop:
         except BaseException:
             os.close(fd)
             raise
-        conns = self._conns
-        if cid >= len(conns):
-            conns.extend([None] * (cid + 1 - len(conns)))
-        c = Connection(self, cid, fd, framing)
+        c = self._adopt(Connection(self, cid, fd, framing))
         c._set_handler(handler)
-        conns[cid] = c
-        self._live[id(c)] = c
         mwb = int(max_write_buffer or 0)
         if mwb or idle_timeout:
             self._backend.conn_set(cid, mwb, float(idle_timeout or 0.0))
@@ -1188,5 +1182,4 @@ def _bound_socket(address: Address, reuse_port: bool) -> Tuple[socket.socket, Op
     return sock, unix_path
 
 
-__all__ = ["Loop", "Handler", "Connection", "Server", "Handle", "TimerHandle",
-           "DEFAULT_MAX_WRITE_BUFFER"]
+__all__ = ["Loop", "Handler", "Connection", "Server", "Handle", "TimerHandle"]

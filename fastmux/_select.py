@@ -54,11 +54,14 @@ import time
 from collections import deque
 from typing import Deque, Dict, List, Optional, Tuple, Union
 
-from ._backend import (
+from ._backend import Batch
+from ._constants import (
     ACCEPT_BUDGET,
     BATCH_MAX,
     DEFAULT_HIGH,
     DEFAULT_LOW,
+    DISCARD_MAX,
+    EMFILE_BACKOFF_MS,
     EV_ACCEPT,
     EV_CLOSED,
     EV_CONNECTED,
@@ -77,7 +80,6 @@ from ._backend import (
     R_WBUFFULL,
     READ_BUDGET,
     READ_CHUNK,
-    Batch,
 )
 from ._framing import (
     Delimiter,
@@ -92,12 +94,11 @@ __all__ = ["SelectBackend"]
 
 #: Seconds a listener stops accepting after EMFILE/ENFILE (and other
 #: resource errors), so that an exhausted fd table cannot make us spin.
-EMFILE_BACKOFF = 0.1
+EMFILE_BACKOFF = EMFILE_BACKOFF_MS / 1000.0
 
-#: Bytes of unread input discarded before a graceful close, so that close()
-#: sends a FIN rather than a RST (which could destroy the output just
-#: flushed); bounded so that a fire-hose peer cannot hold the loop.
-CLOSE_DISCARD_MAX = 1024 * 1024
+# Unread input discarded before a graceful close (DISCARD_MAX bytes), so
+# that close() sends a FIN rather than a RST (which could destroy the output
+# just flushed); bounded so that a fire-hose peer cannot hold the loop.
 
 _MSG_NOSIGNAL: int = getattr(socket, "MSG_NOSIGNAL", 0)
 _EV_R = selectors.EVENT_READ
@@ -304,9 +305,13 @@ class SelectBackend:
         w.setblocking(False)
         return r, w
 
+    def fast_path(self) -> None:
+        """No native message loop: the loop dispatches ``poll``'s batch."""
+        return None
+
     def poll(self, timeout: float | None) -> Batch:
         """Wait up to `timeout` seconds (None: forever), do all ready I/O and
-        return the batch ``(n, kinds, ids, starts, ends, blob)``."""
+        return the batch ``(n, ev, blob)`` (see _backend.py)."""
         if self._closed:
             return 0, [], b""
         # The loop has dispatched the previous batch: the ids it closed are
@@ -671,10 +676,6 @@ class SelectBackend:
         else:
             self._idle.pop(c.cid, None)
 
-    def conn_fd(self, cid: int) -> int:
-        c = self._live(cid)
-        return c.fd if c is not None else -errno.EBADF
-
     def _update(self, c: _Conn) -> None:
         """Register exactly the interest that matters now, so that the
         level-triggered selector never reports an fd we would ignore."""
@@ -996,7 +997,7 @@ class SelectBackend:
     def _finish_close(self, c: _Conn) -> None:
         # Unread input would make close() send a RST, which can destroy the
         # output just flushed before the peer reads it: discard it first.
-        left = CLOSE_DISCARD_MAX
+        left = DISCARD_MAX
         try:
             while left > 0:
                 data = c.sock.recv(min(READ_CHUNK, left))

@@ -22,7 +22,7 @@ from support import (
 )
 
 import fastmux
-from fastmux._backend import READ_BUDGET
+from fastmux._constants import READ_BUDGET
 
 LOCAL = ("127.0.0.1", 0)
 

@@ -28,7 +28,7 @@ import pytest
 from support import DEADLINE, Echo, Factory, Recorder, pattern, run_until, spin
 
 import fastmux
-from fastmux import _backend
+from fastmux import _constants
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -418,7 +418,7 @@ def test_budget_plus_one_then_silent(loop, peers, what):
     """Send exactly one read budget (READ_BUDGET bytes, or BATCH_MAX
     messages) plus one message, then go silent: everything is delivered
     although no further edge ever comes."""
-    budget = _backend.READ_BUDGET
+    budget = _constants.READ_BUDGET
     if what == "budget_bytes_plus_one_message":
         framing, size = fastmux.Fixed(1024), 1024
         count = budget // 1024 + 1
@@ -427,7 +427,7 @@ def test_budget_plus_one_then_silent(loop, peers, what):
         count = 2 * budget // 1024 + 1
     elif what == "batch_max_plus_one":
         framing, size = fastmux.Fixed(4), 4
-        count = _backend.BATCH_MAX + 1
+        count = _constants.BATCH_MAX + 1
     else:
         framing, size, count = fastmux.Raw(), budget + 1, 1
     fac = Factory(Recorder)

@@ -17,7 +17,7 @@ import pytest
 from support import Echo, Factory, Recorder, set_sockopt_on_fd
 
 import fastmux
-from fastmux._backend import READ_BUDGET
+from fastmux._constants import READ_BUDGET
 
 HOST_DEADLINE = 10.0
 

@@ -14,7 +14,7 @@ import pytest
 from support import Echo, Factory, Recorder, pattern, run_until, spin
 
 import fastmux
-from fastmux import _backend
+from fastmux import _constants
 
 
 class LineEcho(Echo):
@@ -297,7 +297,7 @@ def test_endless_stream_memory_bounded(loop, peers, threads):
     try:
         run_until(loop, lambda: fac.opened and fac[0].closed, timeout=30)
         fac[0].assert_closed_once(fastmux.MessageTooLarge)
-        assert loop.stats()["bytes_in"] <= 64 * 1024 + 2 * _backend.READ_BUDGET
+        assert loop.stats()["bytes_in"] <= 64 * 1024 + 2 * _constants.READ_BUDGET
         threads.join_all()
         assert sent[0] < 64 * 1024 * 1024
     finally:
