@@ -431,14 +431,14 @@ static void fm__run_ready(fm_loop *loop)
     }
 }
 
-static int fm__poll(fm_loop *loop, int timeout_ms)
+/* Start a poll: free the zombies, empty the batch, emit what is owed, and
+ * shorten timeout_ms to the next idle timeout or accept back-off (0 when the
+ * core has work the kernel will not report). */
+static int fm__poll_begin(fm_loop *loop, int timeout_ms)
 {
     fm_conn *c;
-    int n, i;
     int64_t now, wait_until;
 
-    if (loop->forked)
-        return -EBADF;
     /* Zombies: Python saw their CLOSED in the previous batch. */
     while ((c = loop->zombies) != NULL) {
         loop->zombies = c->ready_next;
@@ -450,7 +450,6 @@ static int fm__poll(fm_loop *loop, int timeout_ms)
 
     fm__flush_dying(loop);
     now = fm__now_ms();
-    /* Wake up for idle timeouts and accept back-off. */
     wait_until = fm__idle_sweep(loop, now);
     if (loop->listeners_ready) {
         int64_t t = fm__listeners_run(loop, now);
@@ -466,58 +465,69 @@ static int fm__poll(fm_loop *loop, int timeout_ms)
     }
     if (loop->batch.n > 0 || loop->ready_head != NULL || loop->dying != NULL)
         timeout_ms = 0;
+    return timeout_ms;
+}
 
+/* One event from epoll_wait; stale ones (generation mismatch) are dropped. */
+static void fm__kernel_event(fm_loop *loop, const struct epoll_event *e)
+{
+    uint64_t tag = e->data.u64;
+    int type = (int)((tag >> 24) & 0xff);
+    int slot = (int)(tag & FM_SLOT_MASK);
+    uint32_t gen = (uint32_t)(tag >> 32);
+    uint64_t v;
+    fm_conn *c;
+
+    switch (type) {
+    case FM_T_CONN:
+        if (slot < loop->conns_hwm && (c = loop->conns[slot]) != NULL &&
+            c->gen == gen && !(c->flags & FM_C_DEAD))
+            fm__conn_io(loop, c, e->events);
+        break;
+    case FM_T_LISTENER:
+        if (slot < loop->nlisteners && loop->listeners[slot].active &&
+            loop->listeners[slot].gen == gen)
+            fm__listener_io(loop, slot);
+        break;
+    case FM_T_WATCH:
+        if (slot < loop->nwatches && loop->watches[slot].active &&
+            loop->watches[slot].gen == gen)
+            fm__emit(loop, FM_EV_READABLE, slot, 0, 0);
+        break;
+    case FM_T_WAKE:
+        /* Drain first, then clear: a wake-up made between the two finds
+         * the flag still set and writes nothing, but its work is already
+         * queued and Python looks at its queues after this poll.  Clearing
+         * first would let that write land before the drain and be eaten,
+         * leaving the flag set over an empty eventfd: every later
+         * fm_wakeup() would then write nothing and the loop could sleep
+         * with work queued. */
+        while (read(loop->wakefd, &v, sizeof v) > 0)
+            ;
+        __atomic_store_n(&loop->wake_pending, 0, __ATOMIC_RELEASE);
+        break;
+    case FM_T_TIMER:
+        while (read(loop->timerfd, &v, sizeof v) > 0)
+            ;
+        break;
+    }
+}
+
+static int fm__poll(fm_loop *loop, int timeout_ms)
+{
+    int n, i;
+
+    if (loop->forked)
+        return -EBADF;
+    timeout_ms = fm__poll_begin(loop, timeout_ms);
     n = epoll_wait(loop->epfd, loop->events, FM_MAX_EVENTS, timeout_ms);
     if (n < 0) {
         if (errno != EINTR)
             return -errno;
         n = 0; /* a signal: let Python run its handler */
     }
-    for (i = 0; i < n; i++) {
-        uint64_t tag = loop->events[i].data.u64;
-        uint32_t ev = loop->events[i].events;
-        int type = (int)((tag >> 24) & 0xff);
-        int slot = (int)(tag & FM_SLOT_MASK);
-        uint32_t gen = (uint32_t)(tag >> 32);
-
-        switch (type) {
-        case FM_T_CONN:
-            if (slot < loop->conns_hwm && (c = loop->conns[slot]) != NULL &&
-                c->gen == gen && !(c->flags & FM_C_DEAD))
-                fm__conn_io(loop, c, ev);
-            break;
-        case FM_T_LISTENER:
-            if (slot < loop->nlisteners && loop->listeners[slot].active &&
-                loop->listeners[slot].gen == gen)
-                fm__listener_io(loop, slot);
-            break;
-        case FM_T_WATCH:
-            if (slot < loop->nwatches && loop->watches[slot].active &&
-                loop->watches[slot].gen == gen)
-                fm__emit(loop, FM_EV_READABLE, slot, 0, 0);
-            break;
-        case FM_T_WAKE: {
-            /* Drain first, then clear: a wake-up made between the two
-             * finds the flag still set and writes nothing, but its work
-             * is already queued and Python looks at its queues after this
-             * poll.  Clearing first would let that write land before the
-             * drain and be eaten, leaving the flag set over an empty
-             * eventfd: every later fm_wakeup() would then write nothing
-             * and the loop could sleep with work queued. */
-            uint64_t v;
-            while (read(loop->wakefd, &v, sizeof v) > 0)
-                ;
-            __atomic_store_n(&loop->wake_pending, 0, __ATOMIC_RELEASE);
-            break;
-        }
-        case FM_T_TIMER: {
-            uint64_t v;
-            while (read(loop->timerfd, &v, sizeof v) > 0)
-                ;
-            break;
-        }
-        }
-    }
+    for (i = 0; i < n; i++)
+        fm__kernel_event(loop, &loop->events[i]);
     fm__run_ready(loop);
     if (loop->listeners_ready)
         fm__listeners_run(loop, fm__now_ms());
