@@ -870,7 +870,8 @@ class Loop:
         self._timers_cancelled += 1
         # Drop cancelled timers when they are most of the heap.
         if self._timers_cancelled > 64 and self._timers_cancelled * 2 > len(self._timers):
-            self._timers = [h for h in self._timers if not h._cancelled]
+            # In place: _run_timers may be iterating over this very list.
+            self._timers[:] = [h for h in self._timers if not h._cancelled]
             heapq.heapify(self._timers)
             self._timers_cancelled = 0
 
