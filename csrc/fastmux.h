@@ -29,7 +29,7 @@
 #define FM_EV_EOF 4        /* id=conn: peer half-closed, all messages delivered */
 #define FM_EV_CLOSED 5     /* id=conn, start=errno (0: none), end=FM_R_* reason */
 #define FM_EV_DRAIN 6      /* id=conn: queued output fell to the low watermark  */
-#define FM_EV_READABLE 7   /* id=watch id: a watched fd became readable         */
+#define FM_EV_WATCH 7      /* id=watch id, start=FM_WATCH_* bits that are ready */
 
 /* Why a connection closed (the `end` field of FM_EV_CLOSED). */
 #define FM_R_NONE 0        /* closed/aborted locally, or clean                  */
@@ -38,6 +38,10 @@
 #define FM_R_WBUFFULL 3    /* queued output exceeded max_write_buffer           */
 #define FM_R_IDLE 4        /* no inbound bytes within idle_timeout              */
 #define FM_R_REJECTED 5    /* listener at max_connections (never reported)      */
+
+/* What a watch waits for (fm_watch_add) and reports (FM_EV_WATCH's start). */
+#define FM_WATCH_READ 1
+#define FM_WATCH_WRITE 2
 
 /* Framing kinds. */
 #define FM_FR_RAW 0
@@ -115,7 +119,11 @@ int fm_pushback(fm_loop *loop, int cid, const char *data, size_t len,
 int fm_set_write_limits(fm_loop *loop, int cid, uint64_t high, uint64_t low);
 int64_t fm_write_buffer_size(fm_loop *loop, int cid);
 
-int fm_watch_add(fm_loop *loop, int fd);   /* level: FM_EV_READABLE per poll */
+/* A foreign fd (not owned, never read or written by the core), watched
+ * level-triggered: an FM_EV_WATCH per poll while it is ready for any of
+ * `events` (FM_WATCH_* bits; 0 parks the watch). */
+int fm_watch_add(fm_loop *loop, int fd, int events);
+int fm_watch_set(fm_loop *loop, int wid, int events);
 int fm_watch_remove(fm_loop *loop, int wid);
 
 /* The framers as a pure function over bytes (for differential tests and the

@@ -106,6 +106,7 @@ typedef struct fm_listener {
 typedef struct fm_watch {
     int fd;
     int active;
+    int events;              /* FM_WATCH_* */
     uint32_t gen;
 } fm_watch;
 

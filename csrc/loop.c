@@ -347,7 +347,14 @@ int fm_framing_new(fm_loop *loop, int kind, uint64_t max_size, uint32_t n,
     return loop->nframings++;
 }
 
-int fm_watch_add(fm_loop *loop, int fd)
+static uint32_t fm__watch_epoll_events(int events)
+{
+    /* Level-triggered on purpose: the owner reads a little at a time. */
+    return ((events & FM_WATCH_READ) ? EPOLLIN : 0u) |
+           ((events & FM_WATCH_WRITE) ? EPOLLOUT : 0u);
+}
+
+int fm_watch_add(fm_loop *loop, int fd, int events)
 {
     int wid;
     fm_watch *w;
@@ -364,13 +371,30 @@ int fm_watch_add(fm_loop *loop, int fd)
     }
     w = &loop->watches[wid];
     w->gen++;
-    /* Level-triggered on purpose: the loop reads a little at a time. */
-    int rc = fm__epoll_add(loop, fd, EPOLLIN, fm__tag(FM_T_WATCH, w->gen, wid));
+    int rc = fm__epoll_add(loop, fd, fm__watch_epoll_events(events),
+                           fm__tag(FM_T_WATCH, w->gen, wid));
     if (rc < 0)
         return rc;
     w->fd = fd;
+    w->events = events;
     w->active = 1;
     return wid;
+}
+
+int fm_watch_set(fm_loop *loop, int wid, int events)
+{
+    struct epoll_event ev;
+    fm_watch *w;
+    if (wid < 0 || wid >= loop->nwatches || !loop->watches[wid].active)
+        return -EBADF;
+    w = &loop->watches[wid];
+    memset(&ev, 0, sizeof ev);
+    ev.events = fm__watch_epoll_events(events);
+    ev.data.u64 = fm__tag(FM_T_WATCH, w->gen, wid);
+    if (epoll_ctl(loop->epfd, EPOLL_CTL_MOD, w->fd, &ev) < 0)
+        return -errno;
+    w->events = events;
+    return 0;
 }
 
 int fm_watch_remove(fm_loop *loop, int wid)
@@ -491,8 +515,16 @@ static void fm__kernel_event(fm_loop *loop, const struct epoll_event *e)
         break;
     case FM_T_WATCH:
         if (slot < loop->nwatches && loop->watches[slot].active &&
-            loop->watches[slot].gen == gen)
-            fm__emit(loop, FM_EV_READABLE, slot, 0, 0);
+            loop->watches[slot].gen == gen) {
+            /* As selectors does: an error or hang-up is both readable and
+             * writable, for whichever the owner waits for. */
+            uint32_t ev = e->events;
+            int ready = ((ev & ~(uint32_t)EPOLLOUT) ? FM_WATCH_READ : 0) |
+                        ((ev & ~(uint32_t)EPOLLIN) ? FM_WATCH_WRITE : 0);
+            ready &= loop->watches[slot].events;
+            if (ready)
+                fm__emit(loop, FM_EV_WATCH, slot, (uint32_t)ready, 0);
+        }
         break;
     case FM_T_WAKE:
         /* Drain first, then clear: a wake-up made between the two finds

@@ -160,7 +160,14 @@ class Backend(Protocol):
 
     def write_buffer_size(self, cid: int) -> int: ...
 
-    def watch_add(self, fd: int) -> int: ...
+    def watch_add(self, fd: int, events: int) -> int:
+        """Watch a foreign fd (never read, written or closed by the backend)
+        for WATCH_READ/WATCH_WRITE, level-triggered: EV_WATCH(id, start=the
+        ready bits) in every poll while it is ready.  OSError if the fd
+        cannot be watched (EEXIST: it is already registered)."""
+
+    def watch_set(self, wid: int, events: int) -> None:
+        """Change what a watch waits for (0: nothing, for now)."""
 
     def watch_remove(self, wid: int) -> None: ...
 

@@ -15,7 +15,11 @@ EV_CONNECTED = 3  # id=conn: a non-blocking connect completed
 EV_EOF = 4  # id=conn: peer half-closed, all messages delivered
 EV_CLOSED = 5  # id=conn; start=errno or 0; end=R_* reason
 EV_DRAIN = 6  # id=conn: queued output fell to the low watermark
-EV_READABLE = 7  # id=watch id: a watched fd is readable
+EV_WATCH = 7  # id=watch id; start=WATCH_* bits ready
+
+# What a watch waits for and reports (FM_WATCH_*; selectors' EVENT_* values).
+WATCH_READ = 1
+WATCH_WRITE = 2
 
 # Why a connection closed: the `end` of EV_CLOSED (FM_R_*).
 R_NONE = 0  # closed or aborted locally, or clean
@@ -47,7 +51,8 @@ DEFAULT_MAX_SIZE = 1024 * 1024  # one message's payload, for every framing spec
 
 #: The names that must equal FM_<name> in the C headers.
 SHARED = (
-    "EV_MSG", "EV_ACCEPT", "EV_CONNECTED", "EV_EOF", "EV_CLOSED", "EV_DRAIN", "EV_READABLE",
+    "EV_MSG", "EV_ACCEPT", "EV_CONNECTED", "EV_EOF", "EV_CLOSED", "EV_DRAIN", "EV_WATCH",
+    "WATCH_READ", "WATCH_WRITE",
     "R_NONE", "R_ERROR", "R_TOOLARGE", "R_WBUFFULL", "R_IDLE", "R_REJECTED",
     "FR_RAW", "FR_DELIM", "FR_LENGTH", "FR_FIXED",
     "READ_CHUNK", "READ_BUDGET", "ACCEPT_BUDGET", "BATCH_MAX", "DEFAULT_HIGH",

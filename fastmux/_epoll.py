@@ -165,8 +165,11 @@ class EpollBackend:
     def write_buffer_size(self, cid: int) -> int:
         return int(lib.fm_write_buffer_size(self._loop, cid))
 
-    def watch_add(self, fd: int) -> int:
-        return _check(lib.fm_watch_add(self._loop, fd))
+    def watch_add(self, fd: int, events: int) -> int:
+        return _check(lib.fm_watch_add(self._loop, fd, events))
+
+    def watch_set(self, wid: int, events: int) -> None:
+        _check(lib.fm_watch_set(self._loop, wid, events))
 
     def watch_remove(self, wid: int) -> None:
         lib.fm_watch_remove(self._loop, wid)

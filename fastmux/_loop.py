@@ -31,11 +31,12 @@ from ._constants import (
     EV_DRAIN,
     EV_EOF,
     EV_MSG,
-    EV_READABLE,
+    EV_WATCH,
     R_ERROR,
     R_IDLE,
     R_TOOLARGE,
     R_WBUFFULL,
+    WATCH_READ,
 )
 from ._errors import ConnectionClosed, IdleTimeout, MessageTooLarge, WriteBufferFull
 from ._framing import Framing, Raw
@@ -444,6 +445,8 @@ class Loop:
         self._sig_wsock: Optional[socket.socket] = None
         self._sig_wid = -1
         self._sig_old_wakeup = -1
+        # Watched foreign fds: watch id -> callback(ready WATCH_* bits).
+        self._watchers: Dict[int, Callable[[int], None]] = {}
         self._messages_out = 0
         _all_loops.add(self)
 
@@ -560,8 +563,10 @@ class Loop:
         if kind == EV_ACCEPT:
             self._accepted(cid, start, end)
             return
-        if kind == EV_READABLE:
-            self._signal_readable()
+        if kind == EV_WATCH:
+            watcher = self._watchers.get(cid)
+            if watcher is not None:
+                watcher(start)
             return
         c = self._conns[cid] if cid < len(self._conns) else None
         if c is None:
@@ -1045,7 +1050,8 @@ class Loop:
             self._sig_rsock, self._sig_wsock = rsock, wsock
             self._sig_old_wakeup = signal.set_wakeup_fd(wsock.fileno(),
                                                         warn_on_full_buffer=False)
-            self._sig_wid = self._backend.watch_add(rsock.fileno())
+            self._sig_wid = self._watch_add(rsock.fileno(), WATCH_READ,
+                                            lambda ready: self._signal_readable())
         previous = self._signal_handlers[signum][2] if signum in self._signal_handlers \
             else signal.getsignal(signum)
         signal.signal(signum, _noop_signal_handler)
@@ -1075,7 +1081,7 @@ class Loop:
             return
         if not self._forked:
             if not self._closed:
-                self._backend.watch_remove(self._sig_wid)
+                self._watch_remove(self._sig_wid)
             try:
                 signal.set_wakeup_fd(self._sig_old_wakeup)
             except ValueError:
@@ -1097,6 +1103,23 @@ class Loop:
             entry = self._signal_handlers.get(signum)
             if entry is not None:
                 self._ready.append(Handle(entry[0], entry[1], self))
+
+    # -- watched foreign fds (signals; the asyncio loop's add_reader) -----------
+
+    def _watch_add(self, fd: int, events: int, callback: Callable[[int], None]) -> int:
+        """Call ``callback(ready)`` from the iteration's dispatch while `fd`
+        is ready for `events` (WATCH_* bits, level-triggered); the fd stays
+        the caller's.  Returns the watch id."""
+        wid = self._backend.watch_add(fd, events)
+        self._watchers[wid] = callback
+        return wid
+
+    def _watch_set(self, wid: int, events: int) -> None:
+        self._backend.watch_set(wid, events)
+
+    def _watch_remove(self, wid: int) -> None:
+        if self._watchers.pop(wid, None) is not None and not self._closed:
+            self._backend.watch_remove(wid)
 
     # -- hosting and introspection ---------------------------------------------
 

@@ -68,7 +68,7 @@ from ._constants import (
     EV_DRAIN,
     EV_EOF,
     EV_MSG,
-    EV_READABLE,
+    EV_WATCH,
     FR_DELIM,
     FR_FIXED,
     FR_LENGTH,
@@ -187,13 +187,15 @@ class _Listener:
 
 
 class _Watch:
-    """A foreign fd watched for readability (level-triggered, not owned)."""
+    """A foreign fd watched for WATCH_READ/WATCH_WRITE (level-triggered, not
+    owned).  The WATCH_* bits are selectors' EVENT_* values."""
 
-    __slots__ = ("wid", "fd", "live")
+    __slots__ = ("wid", "fd", "events", "live")
 
-    def __init__(self, wid: int, fd: int) -> None:
+    def __init__(self, wid: int, fd: int, events: int) -> None:
         self.wid = wid
         self.fd = fd
+        self.events = events
         self.live = True
 
 
@@ -388,8 +390,9 @@ class SelectBackend:
             elif isinstance(tag, _Watch):
                 # Level-triggered by contract: a watch left out of a full
                 # batch is simply reported again by the next select.
-                if tag.live and self._room() > 0:
-                    self._emit(EV_READABLE, tag.wid, 0, 0)
+                bits = mask & tag.events
+                if tag.live and bits and self._room() > 0:
+                    self._emit(EV_WATCH, tag.wid, bits, 0)
             else:
                 self._drain_wake()
         for lis in listeners.values():
@@ -1025,17 +1028,37 @@ class SelectBackend:
 
     # -------------------------------------------------------------- watches
 
-    def watch_add(self, fd: int) -> int:
-        """Report EV_READABLE in every poll while `fd` is readable."""
+    def watch_add(self, fd: int, events: int) -> int:
+        """Report EV_WATCH in every poll while `fd` is ready for `events`."""
         wid = self._wids.take()
-        w = _Watch(wid, fd)
+        w = _Watch(wid, fd, events)
         try:
-            self._sel.register(fd, _EV_R, w)
-        except (KeyError, ValueError, OSError):
+            self._register_watch(w)
+        except (KeyError, ValueError) as e:
             self._wids.give(wid)
-            return -errno.EEXIST
+            raise OSError(errno.EEXIST, f"fd {fd} cannot be watched: {e}") from None
+        except OSError:
+            self._wids.give(wid)
+            raise
         self._watches[wid] = w
         return wid
+
+    def watch_set(self, wid: int, events: int) -> None:
+        w = self._watches.get(wid)
+        if w is None:
+            return
+        try:
+            self._sel.unregister(w.fd)
+        except (KeyError, ValueError, OSError):
+            pass
+        w.events = events
+        self._register_watch(w)
+
+    def _register_watch(self, w: _Watch) -> None:
+        # selectors cannot hold an fd with no interest: a parked watch
+        # (events 0) stays out of the selector until it wants something.
+        if w.events:
+            self._sel.register(w.fd, w.events, w)
 
     def watch_remove(self, wid: int) -> None:
         w = self._watches.pop(wid, None)
@@ -1087,7 +1110,7 @@ class SelectBackend:
             if lis.resume_at is None:
                 self._set_mask(lis, _EV_R)
         for w in self._watches.values():
-            self._sel.register(w.fd, _EV_R, w)
+            self._register_watch(w)
 
     def close_all(self) -> None:
         """Close every connection fd and the backend's own fds; idempotent.
