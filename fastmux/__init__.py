@@ -2,11 +2,14 @@
 
 The hot path is a C core (edge-triggered epoll, framing, batched delivery,
 coalesced writes) built through cffi; elsewhere the same API runs on a
-pure-Python ``selectors`` backend.  See README.md.
+pure-Python ``selectors`` backend.  ``fastmux.EventLoop`` is the same core
+as an asyncio event loop (``fastmux.run(main())``, ``fastmux.install()``).
+See README.md.
 """
 
 from __future__ import annotations
 
+from ._aio import EventLoop, EventLoopPolicy, install, new_event_loop, run
 from ._backend import epoll_available
 from ._constants import DEFAULT_MAX_SIZE, DEFAULT_MAX_WRITE_BUFFER
 from ._errors import (
@@ -60,5 +63,10 @@ __all__ = [
     "epoll_available",
     "WorkerPool",
     "serve",
+    "EventLoop",
+    "EventLoopPolicy",
+    "new_event_loop",
+    "install",
+    "run",
     "__version__",
 ]

@@ -362,7 +362,10 @@ class Connection:
     def _sockinfo(self, peer: bool) -> Any:
         if self._fd < 0 or self._cid < 0:
             return None
-        s = socket.socket(fileno=self._fd)
+        try:
+            s = socket.socket(fileno=self._fd)
+        except OSError:
+            return None  # the core has closed it already (CLOSED not yet seen)
         try:
             return s.getpeername() if peer else s.getsockname()
         except OSError:

@@ -1,0 +1,635 @@
+"""fastmux as an asyncio event loop.
+
+``EventLoop`` is asyncio's own selector event loop with two parts replaced:
+
+* its selector is ``_CoreSelector``, a face of a native ``fastmux.Loop``:
+  ``select(timeout)`` runs one iteration of the native loop, which sends the
+  output written since the last iteration, polls (epoll in C, or the select
+  backend), delivers stream data straight to the protocols, and reports the
+  foreign fds that ``add_reader``/``add_writer`` watch (the core's watches)
+  back to asyncio as selector events;
+* its stream transports are ``_StreamTransport``: a native ``Connection``
+  (Raw framing) seen through asyncio's ``Transport`` interface.  Reads are
+  drained in C and handed over once per read; writes made during one
+  iteration leave in one ``send`` per transport at the end of the iteration.
+  Listening sockets are accepted from in C.
+
+Everything else -- futures, tasks, timers, ``call_soon_threadsafe``,
+executors, DNS, happy eyeballs, signals, ``sock_*``, subprocesses, pipes,
+datagram and TLS transports -- is asyncio's own code running over that
+selector, so it behaves as asyncio does on every supported Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import selectors
+import socket
+import sys
+import warnings
+from asyncio import base_events, constants, protocols, transports, trsock
+from collections.abc import Mapping
+from typing import Any, Callable, Coroutine, Dict, Iterator, List, Optional, Tuple, TypeVar
+
+from ._framing import Raw
+from ._loop import Connection, Handler, Loop
+
+__all__ = ["EventLoop", "EventLoopPolicy", "new_event_loop", "install", "run"]
+
+_T = TypeVar("_T")
+_RAW = Raw()
+_logger = logging.getLogger("asyncio")
+
+# asyncio's internals that this module builds on are not in the type stubs:
+# typed as Any here, in one place.
+_SelectorEventLoop: Any = asyncio.SelectorEventLoop
+_FlowControlMixin: Any = transports._FlowControlMixin
+_Server = Any  # asyncio.base_events.Server (its _attach/_detach)
+
+# asyncio.Server._attach/_detach take the transport from 3.13 on.
+_ServerClass: Any = base_events.Server
+_SERVER_TRACKS_TRANSPORTS = len(inspect.signature(_ServerClass._attach).parameters) > 1
+
+
+class _CoreSelector(selectors.BaseSelector):
+    """The selector asyncio's loop drives: one native iteration per select.
+
+    Foreign fds (add_reader/add_writer, the self-pipe, sock_* waits) are the
+    core's watches, level-triggered like any selector; ``select`` returns
+    the ones that became ready during the iteration."""
+
+    def __init__(self, core: Loop) -> None:
+        self._core = core
+        self._keys: Dict[int, selectors.SelectorKey] = {}
+        self._wids: Dict[int, int] = {}
+        self._ready: List[Tuple[selectors.SelectorKey, int]] = []
+        self._map = _KeyMapping(self._keys)
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        if not events or events & ~(selectors.EVENT_READ | selectors.EVENT_WRITE):
+            raise ValueError(f"Invalid events: {events!r}")
+        fd = _fileobj_to_fd(fileobj)
+        if fd in self._keys:
+            raise KeyError(f"{fileobj!r} (FD {fd}) is already registered")
+        key = selectors.SelectorKey(fileobj, fd, events, data)
+        self._wids[fd] = self._core._watch_add(fd, events, lambda ready: self._on_ready(fd, ready))
+        self._keys[fd] = key
+        return key
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        fd = self._fd_of(fileobj)
+        key = self._keys.pop(fd, None)
+        if key is None:
+            raise KeyError(f"{fileobj!r} is not registered")
+        self._core._watch_remove(self._wids.pop(fd))
+        return key
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        fd = self._fd_of(fileobj)
+        key = self._keys.get(fd)
+        if key is None:
+            raise KeyError(f"{fileobj!r} is not registered")
+        if events != key.events:
+            if not events or events & ~(selectors.EVENT_READ | selectors.EVENT_WRITE):
+                raise ValueError(f"Invalid events: {events!r}")
+            try:
+                self._core._watch_set(self._wids[fd], events)
+            except OSError:
+                self.unregister(fileobj)
+                raise
+        key = key._replace(events=events, data=data)
+        self._keys[fd] = key
+        return key
+
+    def select(self, timeout: Optional[float] = None) -> List[Tuple[selectors.SelectorKey, int]]:
+        self._ready = []
+        self._core.run_once(None if timeout is None else max(timeout, 0.0))
+        ready, self._ready = self._ready, []
+        return ready
+
+    def _on_ready(self, fd: int, ready: int) -> None:
+        key = self._keys.get(fd)
+        if key is not None:
+            ready &= key.events
+            if ready:
+                self._ready.append((key, ready))
+
+    def _fd_of(self, fileobj: Any) -> int:
+        try:
+            return _fileobj_to_fd(fileobj)
+        except ValueError:
+            # A closed file object: find it by identity, as selectors does.
+            for key in self._keys.values():
+                if key.fileobj is fileobj:
+                    return key.fd
+            raise
+
+    def get_key(self, fileobj: Any) -> selectors.SelectorKey:
+        key = self._keys.get(self._fd_of(fileobj))
+        if key is None:
+            raise KeyError(f"{fileobj!r} is not registered")
+        return key
+
+    def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
+        return self._map
+
+    def close(self) -> None:
+        for fd in list(self._keys):
+            self._keys.pop(fd)
+            self._core._watch_remove(self._wids.pop(fd))
+
+
+class _KeyMapping(Mapping[Any, selectors.SelectorKey]):
+    """A read-only view of the registered keys by fd (selectors' get_map)."""
+
+    def __init__(self, keys: Dict[int, selectors.SelectorKey]) -> None:
+        self._keys = keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, fileobj: Any) -> selectors.SelectorKey:
+        fd = _fileobj_to_fd(fileobj)
+        try:
+            return self._keys[fd]
+        except KeyError:
+            raise KeyError(f"{fileobj!r} is not registered") from None
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._keys)
+
+
+def _fileobj_to_fd(fileobj: Any) -> int:
+    if isinstance(fileobj, int):
+        fd = fileobj
+    else:
+        try:
+            fd = int(fileobj.fileno())
+        except (AttributeError, TypeError, ValueError):
+            raise ValueError(f"Invalid file object: {fileobj!r}") from None
+    if fd < 0:
+        raise ValueError(f"Invalid file descriptor: {fd}")
+    return fd
+
+
+class _Listener:
+    """A listening socket of an asyncio Server, accepted from by the core.
+    The socket stays the Server's (asyncio closes it in _stop_serving)."""
+
+    framing = _RAW
+
+    def __init__(self, loop: "EventLoop", sock: socket.socket, lid: int,
+                 protocol_factory: Callable[[], asyncio.BaseProtocol],
+                 server: Optional[_Server]) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._lid = lid
+        self._protocol_factory = protocol_factory
+        self._server = server
+
+    def _factory(self) -> "_StreamTransport":
+        return _StreamTransport(self._loop, self._protocol_factory(), None, self._server, None)
+
+    def close(self) -> None:
+        core = self._loop._core
+        if core._servers.pop(self._lid, None) is not None and not core.is_closed():
+            core._backend.listener_remove(self._lid)
+
+
+class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: ignore[misc]
+    """asyncio's Transport over a native Connection.
+
+    The native loop calls the Handler methods (on_open, on_message, on_eof,
+    on_drain, on_close) from its dispatch; they call the protocol.  Writes go
+    to the connection's per-iteration buffer and leave in one send at the end
+    of the iteration; ``get_write_buffer_size`` counts them until then."""
+
+    _start_tls_compatible = True
+    _sendfile_compatible = constants._SendfileMode.FALLBACK
+
+    def __init__(self, loop: "EventLoop", protocol: asyncio.BaseProtocol,
+                 extra: Optional[Dict[str, Any]], server: Optional[_Server],
+                 waiter: Optional["asyncio.Future[None]"]) -> None:
+        _FlowControlMixin.__init__(self, extra, loop)
+        self._aloop: Optional[EventLoop] = loop
+        self._conn: Optional[Connection] = None
+        self._sock: Optional[socket.socket] = None  # made on demand for get_extra_info
+        self._server = server
+        self._waiter = waiter
+        self._closing = False
+        self._eof = False
+        self._paused = False
+        self._conn_lost = 0
+        self._unsent = 0  # bytes written this iteration, not yet handed to the core
+        self._queued = 0  # the core's queue when this iteration's first write came
+        self._protocol_connected = False
+        self.set_protocol(protocol)
+        if server is not None:
+            if _SERVER_TRACKS_TRANSPORTS:
+                server._attach(self)
+            else:
+                server._attach()
+
+    # -- the native connection's handler ---------------------------------------
+
+    def on_open(self, conn: Connection) -> None:
+        self._conn = conn
+        loop = self._aloop
+        assert loop is not None
+        loop._transports[conn._fd] = self
+        conn.set_write_limits(self._high_water, self._low_water)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            # create_connection() and friends: as asyncio does, data goes to
+            # the protocol only once the coroutine waiting on `waiter` has
+            # the transport in hand.
+            conn.pause_reading()
+            loop.call_soon(self._start_reading)
+        elif self._paused:
+            conn.pause_reading()
+        self._protocol.connection_made(self)
+        if waiter is not None and not waiter.cancelled():
+            waiter.set_result(None)
+
+    def _start_reading(self) -> None:
+        conn = self._conn
+        if conn is not None and not self._paused and not self._closing:
+            conn.resume_reading()
+
+    def on_message(self, conn: Connection, data: bytes) -> None:
+        try:
+            self._data_received(data)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+
+    def _get_buffer_and_copy(self, data: bytes) -> None:
+        """BufferedProtocol: hand `data` over through get_buffer/buffer_updated."""
+        proto: Any = self._protocol
+        view = memoryview(data)
+        while view:
+            buf = memoryview(proto.get_buffer(len(view))).cast("B")
+            if not len(buf):
+                raise RuntimeError("get_buffer() returned an empty buffer")
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            proto.buffer_updated(n)
+            view = view[n:]
+            if self._closing:
+                return  # closed from buffer_updated: the rest is not wanted
+
+    def on_eof(self, conn: Connection) -> Optional[bool]:
+        try:
+            keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+            return True
+        if not keep_open:
+            self.close()
+        return True  # closing is ours to do
+
+    def on_drain(self, conn: Connection) -> None:
+        self._maybe_resume_protocol()
+
+    def on_close(self, conn: Connection, exc: Optional[BaseException]) -> None:
+        loop = self._aloop
+        fd = conn._fd
+        if loop is not None and loop._transports.get(fd) is self:
+            del loop._transports[fd]
+        self._closing = True
+        self._conn_lost += 1
+        try:
+            if self._waiter is not None:
+                # Closed before it was ever connected (connect failed).
+                waiter, self._waiter = self._waiter, None
+                if not waiter.cancelled():
+                    waiter.set_exception(exc if exc is not None else ConnectionError(
+                        "connection closed before it was established"))
+            elif self._protocol_connected and loop is not None and not loop.is_closed():
+                self._protocol.connection_lost(exc)  # type: ignore[arg-type]
+        finally:
+            if self._sock is not None:
+                self._sock.detach()  # the core closed the fd
+                self._sock = None
+            self._aloop = None
+            server, self._server = self._server, None
+            if server is not None:
+                if _SERVER_TRACKS_TRANSPORTS:
+                    server._detach(self)
+                else:
+                    server._detach()
+
+    # -- asyncio.Transport -------------------------------------------------------
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+        self._protocol_connected = True
+        if isinstance(protocol, protocols.BufferedProtocol):
+            self._data_received = self._get_buffer_and_copy
+        else:
+            self._data_received = protocol.data_received  # type: ignore[attr-defined]
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def is_reading(self) -> bool:
+        return not self._closing and not self._paused
+
+    def pause_reading(self) -> None:
+        if not self.is_reading():
+            return
+        self._paused = True
+        if self._conn is not None:
+            self._conn.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        if self._conn is not None:
+            self._conn.resume_reading()
+
+    def write(self, data: Any) -> None:
+        if type(data) is not bytes:
+            if not isinstance(data, (bytearray, memoryview)):
+                raise TypeError(f"data argument must be a bytes-like object, "
+                                f"not {type(data).__name__!r}")
+            data = bytes(data)
+        if self._eof:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if not data:
+            return
+        conn = self._conn
+        if self._conn_lost or self._closing or conn is None or conn._wclosed:
+            if self._conn_lost >= constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+                _logger.warning("socket.send() raised exception.")
+            self._conn_lost += 1
+            return
+        wb = conn._wbuf
+        if not wb:
+            # First write of this iteration: what does the core still hold?
+            self._unsent = 0
+            self._queued = conn.write_buffer_size
+            loop = conn._loop
+            loop._dirty.append(conn)
+        wb.append(data)
+        self._unsent += len(data)
+        if self._unsent + self._queued > self._high_water and not self._protocol_paused:
+            self._maybe_pause_protocol()
+
+    def writelines(self, list_of_data: Any) -> None:
+        if self._eof:
+            raise RuntimeError("Cannot call writelines() after write_eof()")
+        for data in list_of_data:
+            self.write(data)
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof:
+            return
+        self._eof = True
+        if self._conn is not None:
+            self._conn.shutdown_write()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def get_write_buffer_size(self) -> int:
+        conn = self._conn
+        return conn.write_buffer_size if conn is not None else 0
+
+    def _set_write_buffer_limits(self, high: Optional[int] = None,
+                                 low: Optional[int] = None) -> None:
+        super()._set_write_buffer_limits(high, low)
+        conn = getattr(self, "_conn", None)
+        if conn is not None:
+            conn.set_write_limits(self._high_water, self._low_water)
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._conn is not None:
+            self._conn.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._conn is not None:
+            self._conn.abort()
+
+    def _fatal_error(self, exc: BaseException, message: str) -> None:
+        loop = self._aloop
+        if not isinstance(exc, OSError) and loop is not None:
+            loop.call_exception_handler({
+                "message": message,
+                "exception": exc,
+                "transport": self,
+                "protocol": self._protocol,
+            })
+        conn = self._conn
+        if conn is not None:
+            if conn._exc is None:
+                conn._exc = exc
+            self._closing = True
+            conn.abort()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name in self._extra:
+            return self._extra[name]
+        conn = self._conn
+        if conn is None or conn._cid < 0:
+            return default
+        if name == "peername":
+            return conn.peername
+        if name == "sockname":
+            return conn.sockname
+        if name == "socket":
+            if self._sock is None:
+                self._sock = socket.socket(fileno=conn._fd)
+            return trsock.TransportSocket(self._sock)
+        return default
+
+    def __repr__(self) -> str:
+        state = " closing" if self._closing else ""
+        fd = self._conn._fd if self._conn is not None else -1
+        return f"<fastmux._StreamTransport fd={fd}{state}>"
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        if not getattr(self, "_closing", True) and getattr(self, "_conn", None) is not None:
+            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
+
+
+class EventLoop(_SelectorEventLoop):  # type: ignore[misc]
+    """An asyncio event loop whose stream I/O runs on fastmux's core.
+
+    ``backend`` is as for ``fastmux.Loop``: "auto" (epoll with the C core,
+    else the pure-Python select backend), "epoll" or "select"."""
+
+    def __init__(self, backend: str = "auto") -> None:
+        self._core = Loop(backend)
+        self._core.set_exception_handler(
+            lambda _core, context: self.call_exception_handler(context))
+        super().__init__(_CoreSelector(self._core))
+
+    @property
+    def backend(self) -> str:
+        """The native backend's name ("epoll" or "select")."""
+        return self._core.backend
+
+    def _run_once(self) -> None:
+        super()._run_once()
+        # Writes made by this iteration's callbacks leave now, one send per
+        # transport, so that nothing waits for the next iteration's poll.
+        core = self._core
+        if core._dirty:
+            core._flush()
+
+    def _write_to_self(self) -> None:
+        # call_soon_threadsafe and friends: the core's eventfd (one syscall,
+        # collapsed while a wake-up is pending) instead of the self-pipe.
+        core = self._core
+        if not core.is_closed():
+            core._backend.wakeup()
+
+    def _make_socket_transport(self, sock: socket.socket, protocol: asyncio.BaseProtocol,
+                               waiter: Optional["asyncio.Future[None]"] = None, *,
+                               extra: Optional[Dict[str, Any]] = None,
+                               server: Optional[_Server] = None) -> asyncio.Transport:
+        self._ensure_fd_no_transport(sock)
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"A stream socket was expected, got {sock!r}")
+        extra = dict(extra) if extra else {}
+        # As asyncio does: the addresses are known now and stay known after
+        # the connection is gone.
+        try:
+            extra.setdefault("sockname", sock.getsockname())
+        except OSError:
+            pass
+        try:
+            extra.setdefault("peername", sock.getpeername())
+        except OSError:
+            pass
+        transport = _StreamTransport(self, protocol, extra, server, waiter)
+        _set_nodelay(sock)
+        # The core queues writes made before the connection is up.
+        transport._conn = self._core.connect(None, lambda: transport, framing=_RAW, sock=sock,
+                                             max_write_buffer=None)
+        return transport
+
+    def _start_serving(self, protocol_factory: Callable[[], asyncio.BaseProtocol],
+                       sock: socket.socket, sslcontext: Any = None,
+                       server: Optional[_Server] = None, backlog: int = 100,
+                       *args: Any) -> None:
+        if sslcontext is not None:
+            # TLS: asyncio's own accept path and SSL transports, over the
+            # core's watches.
+            super()._start_serving(protocol_factory, sock, sslcontext, server, backlog, *args)
+            return
+        core = self._core
+        sock.setblocking(False)
+        lid = core._backend.listener_add(sock.fileno(), core._framing_id(_RAW), -1)
+        core._backend.listener_set(lid, 0, 0.0)
+        core._servers[lid] = _Listener(self, sock, lid, protocol_factory, server)  # type: ignore[assignment]
+
+    def _stop_serving(self, sock: socket.socket) -> None:
+        core = self._core
+        for listener in list(core._servers.values()):
+            if isinstance(listener, _Listener) and listener._sock is sock:
+                listener.close()
+                break
+        else:
+            self._remove_reader(sock.fileno())
+        sock.close()
+
+    def close(self) -> None:
+        if self.is_running():
+            raise RuntimeError("Cannot close a running event loop")
+        if self.is_closed():
+            return
+        super().close()
+        self._core.close()
+
+
+def _set_nodelay(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.proto == socket.IPPROTO_TCP:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def new_event_loop() -> EventLoop:
+    """A new fastmux asyncio event loop (a zero-argument loop factory, for
+    ``asyncio.run(..., loop_factory=...)`` and ``uvicorn --loop``)."""
+    return EventLoop()
+
+
+class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """An event loop policy whose loops are fastmux's (see ``install``)."""
+
+    def _loop_factory(self) -> EventLoop:
+        return EventLoop()
+
+
+def install() -> None:
+    """Make asyncio create fastmux loops from now on, as ``uvloop.install()``
+    does: ``asyncio.set_event_loop_policy(fastmux.EventLoopPolicy())``."""
+    asyncio.set_event_loop_policy(EventLoopPolicy())
+
+
+def run(main: Coroutine[Any, Any, _T], *, debug: Optional[bool] = None) -> _T:
+    """``asyncio.run(main)`` on a fastmux loop, on every supported Python."""
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=new_event_loop, debug=debug) as runner:
+            result: _T = runner.run(main)
+            return result
+    return _run_310(main, debug)
+
+
+def _run_310(main: Coroutine[Any, Any, _T], debug: Optional[bool]) -> _T:
+    """What asyncio.run does on 3.10, with a fastmux loop."""
+    if asyncio.events._get_running_loop() is not None:
+        raise RuntimeError("asyncio.run() cannot be called from a running event loop")
+    if not asyncio.iscoroutine(main):
+        raise ValueError(f"a coroutine was expected, got {main!r}")
+    loop = new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        if debug is not None:
+            loop.set_debug(debug)
+        result: _T = loop.run_until_complete(main)
+        return result
+    finally:
+        try:
+            _cancel_all_tasks(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    to_cancel = asyncio.all_tasks(loop)
+    if not to_cancel:
+        return
+    for task in to_cancel:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*to_cancel, return_exceptions=True))
+    for task in to_cancel:
+        if task.cancelled():
+            continue
+        if task.exception() is not None:
+            loop.call_exception_handler({
+                "message": "unhandled exception during asyncio.run() shutdown",
+                "exception": task.exception(),
+                "task": task,
+            })
+
