@@ -46,7 +46,8 @@ class optional_build_ext(build_ext):
 
 kwargs = {}
 if want_c():
-    kwargs["cffi_modules"] = ["fastmux/_build.py:ffibuilder", "fastmux/_loadgen_build.py:ffibuilder"]
+    kwargs["cffi_modules"] = ["fastmux/_build.py:ffibuilder",
+                              "fastmux/bench/_loadgen_build.py:ffibuilder"]
     kwargs["cmdclass"] = {"build_ext": optional_build_ext}
     # The dispatch accelerator (csrc/speedups.c): plain limited-API C.
     san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] \

@@ -10,9 +10,10 @@
 #    py_limited_api=cp310, the oldest CPython our cffi pin supports) and hold
 #    the cffi modules as *.abi3.so.
 # 3. `auditwheel repair` turns it into a *-cp310-abi3-manylinux*.whl.
-# 4. The wheel must hold every module of fastmux/, py.typed and both compiled
-#    modules; the sdist every file needed to build (csrc/, fastmux/, setup.py,
-#    pyproject.toml, MANIFEST.in, README.md).
+# 4. The wheel must hold every module of fastmux/ (the bench/ subpackage too),
+#    py.typed and both compiled modules (the core and the bench's load
+#    generator); the sdist every file needed to build (csrc/, fastmux/,
+#    setup.py, pyproject.toml, MANIFEST.in, README.md).
 # Prints the path of the repaired wheel on the last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,20 +81,20 @@ wheel="$OUT/$(basename "${repaired[0]}")"
 import glob, os, sys, tarfile, zipfile
 wheel, sdist, repo = sys.argv[1:]
 os.chdir(repo)
-# The source tree's modules (fastmux/*.py) are what the package is made of.
-modules = sorted(glob.glob("fastmux/*.py"))
+# The source tree's modules (fastmux/**/*.py) are what the package is made of.
+modules = sorted(glob.glob("fastmux/**/*.py", recursive=True))
 assert modules, "no fastmux/*.py in the source tree"
 need_wheel = set(modules) | {"fastmux/py.typed"}
 names = set(zipfile.ZipFile(wheel).namelist())
 missing = sorted(need_wheel - names)
-for mod in ("fastmux/_core", "fastmux/_loadgen"):
+for mod in ("fastmux/_core", "fastmux/bench/_loadgen"):
     if not any(n.startswith(mod + ".") and n.endswith(".abi3.so") for n in names):
         missing.append(mod + ".abi3.so")
 if not any(n.endswith(".dist-info/METADATA") for n in names):
     missing.append("*.dist-info/METADATA")
 if missing:
     sys.exit(f"{wheel}: missing {missing}")
-need_sdist = need_wheel | set(glob.glob("csrc/*.c")) | set(glob.glob("csrc/*.h")) | {
+need_sdist = need_wheel | set(glob.glob("csrc/**/*.[ch]", recursive=True)) | {
     "setup.py", "pyproject.toml", "MANIFEST.in", "README.md"}
 with tarfile.open(sdist) as t:
     members = {m.name.split("/", 1)[1] for m in t.getmembers() if "/" in m.name}

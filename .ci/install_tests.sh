@@ -45,7 +45,8 @@ pkg = os.path.dirname(os.path.abspath(fastmux.__file__))
 assert pkg.startswith(venv_prefix), f"fastmux imported from {pkg}, not the venv"
 assert fastmux.__version__ == md.version("fastmux"), fastmux.__version__
 assert "unknown" not in fastmux.__version__, fastmux.__version__
-compiled = sorted(os.path.basename(p) for p in glob.glob(os.path.join(pkg, "*.so")))
+compiled = sorted(os.path.relpath(p, pkg)
+                  for p in glob.glob(os.path.join(pkg, "**", "*.so"), recursive=True))
 with fastmux.Loop() as loop:
     backend = loop.backend
 assert backend == expected, f"Loop().backend is {backend!r}, expected {expected!r}"

@@ -18,7 +18,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cp -r csrc fastmux setup.py pyproject.toml MANIFEST.in "$work"/
 [ -f README.md ] && cp README.md "$work"/
-rm -f "$work"/fastmux/_core*.so "$work"/fastmux/_loadgen*.so
+rm -f "$work"/fastmux/_core*.so "$work"/fastmux/bench/_loadgen*.so
 (cd "$work" && FASTMUX_SANITIZE=1 FASTMUX_REQUIRE_C=1 "$PY" setup.py -q build_ext --inplace >/dev/null)
 
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"

@@ -43,7 +43,7 @@ class Chat(fastmux.Handler):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8898)
+    p.add_argument("--port", type=int, default=8898, help="0 picks a free port")
     p.add_argument("--backend", default="auto")
     args = p.parse_args()
     room = Room()
@@ -54,7 +54,8 @@ def main() -> None:
                              max_write_buffer=1024 * 1024)
         loop.add_signal_handler(signal.SIGINT, loop.stop)
         loop.add_signal_handler(signal.SIGTERM, loop.stop)
-        print(f"chat on {server.address} ({loop.backend} backend)", flush=True)
+        host, port = server.address[:2]
+        print(f"chat on {host}:{port} ({loop.backend} backend)", flush=True)
         loop.run()
 
 

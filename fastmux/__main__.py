@@ -2,7 +2,7 @@
 
 Commands live in SUBCOMMANDS: a name mapped to its help line and where its
 two functions live -- ``add_arguments(parser)`` and ``run(namespace) -> int``
--- either a module (``"fastmux._bench"``) or an object in one
+-- either a module (``"fastmux.bench.cli"``) or an object in one
 (``"fastmux._cli:echo"``).  To add a command, write those two functions and
 add an entry; modules are imported only when their command runs, so
 ``python -m fastmux bench`` does not pay for the others and vice versa.
@@ -23,7 +23,7 @@ class Subcommand(NamedTuple):
 
 SUBCOMMANDS: Dict[str, Subcommand] = {
     "bench": Subcommand("benchmark fastmux against asyncio, uvloop, pure-Python and C "
-                        "servers", "fastmux._bench"),
+                        "servers", "fastmux.bench.cli"),
     "echo": Subcommand("line echo server (the echo example); --workers N forks N processes",
                        "fastmux._cli:echo"),
     "http": Subcommand('HTTP "Hello, world!" keep-alive server (the http_hello example)',

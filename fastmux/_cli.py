@@ -1,8 +1,10 @@
 """The example servers as commands: ``python -m fastmux echo`` and ``... http``.
 
-The handlers live here so that the command line and ``examples/`` share
-them; each command serves with ``fastmux.serve`` (so ``--workers N`` forks N
-processes on one port, and SIGINT/SIGTERM stop it gracefully).
+The handlers are the ones of ``examples/echo_server.py`` and
+``examples/http_hello.py`` (the examples keep their own copy, so each is a
+program a reader can copy whole); each command serves with ``fastmux.serve``
+(so ``--workers N`` forks N processes on one port, and SIGINT/SIGTERM stop it
+gracefully).
 """
 
 from __future__ import annotations

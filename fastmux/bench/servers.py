@@ -1,6 +1,6 @@
 """The servers under test of ``python -m fastmux bench``, one per process.
 
-    python -m fastmux._bench_servers NAME MODE CPU
+    python -m fastmux.bench.servers NAME MODE CPU
 
 NAME is one of SERVERS, MODE one of "raw", "lines", "http", CPU the CPU to
 pin to (-1: leave the affinity alone).  The server listens on 127.0.0.1 on a
@@ -348,7 +348,7 @@ SERVERS: Dict[str, Callable[[socket.socket, str], None]] = {
 
 def main(argv: List[str]) -> int:
     if len(argv) != 3 or argv[0] not in SERVERS or argv[1] not in MODES:
-        print(f"usage: python -m fastmux._bench_servers {{{','.join(SERVERS)}}} "
+        print(f"usage: python -m fastmux.bench.servers {{{','.join(SERVERS)}}} "
               f"{{{','.join(MODES)}}} CPU", file=sys.stderr)
         return 2
     name, mode, cpu = argv[0], argv[1], int(argv[2])

@@ -1,8 +1,8 @@
-/* fastmux load generator and minimal C reference server (``fastmux._loadgen``).
+/* fastmux load generator and minimal C reference server (``fastmux.bench._loadgen``).
  *
  * A separate cffi module from the loop's core: the benchmark must not share
  * code with the thing it measures.  Everything between the LG_CDEF markers is
- * read by fastmux/_loadgen_build.py as the cffi cdef, so keep it plain C that
+ * read by fastmux/bench/_loadgen_build.py as the cffi cdef, so keep it plain C that
  * cffi's parser understands (no macros with expressions, no includes).
  *
  * Every function here runs with the GIL released (cffi wraps each call in

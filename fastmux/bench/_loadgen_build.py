@@ -1,8 +1,9 @@
-"""cffi build script for the benchmark's load generator (``fastmux._loadgen``).
+"""cffi build script for the benchmark's load generator (``fastmux.bench._loadgen``).
 
 Its own module, separate from the loop's core (``fastmux._core``), so the
 benchmark shares no code with what it measures.  The cdef is read from
-csrc/loadgen.h between its LG_CDEF markers, as _build.py does for the core.
+csrc/loadgen/loadgen.h between its LG_CDEF markers, as fastmux/_build.py does
+for the core.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join(os.path.dirname(HERE), "csrc")
+# fastmux/bench/ -> the repository root -> csrc/loadgen/
+CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc", "loadgen")
 
 
 def read_cdef(header: str) -> str:
@@ -29,7 +31,7 @@ def read_cdef(header: str) -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(read_cdef(os.path.join(CSRC, "loadgen.h")))
 ffibuilder.set_source(
-    "fastmux._loadgen",
+    "fastmux.bench._loadgen",
     '#include "loadgen.h"',
     sources=[os.path.relpath(os.path.join(CSRC, "loadgen.c"))],
     include_dirs=[os.path.relpath(CSRC)],

@@ -1,8 +1,8 @@
 """``python -m fastmux bench``: fastmux side by side with pure-Python loops,
 asyncio, uvloop and a minimal C server.
 
-Each server runs in its own process (fastmux._bench_servers) pinned to CPU 0;
-the load generator (fastmux._loadgen, C, GIL released) runs in this process
+Each server runs in its own process (fastmux.bench.servers) pinned to CPU 0;
+the load generator (fastmux.bench._loadgen, C, GIL released) runs in this process
 pinned to CPU 1.  Per server and scenario it reports messages/s, p50/p99
 latency, server CPU per message (the kernel's accounting of the server
 process, /proc/PID/task/*/schedstat, over a window that starts and ends with
@@ -43,7 +43,7 @@ LOADGEN_CPU = 1
 @dataclasses.dataclass(frozen=True)
 class Scenario:
     name: str
-    mode: str  # "raw" | "lines" | "http" (fastmux._bench_servers.MODES)
+    mode: str  # "raw" | "lines" | "http" (servers.MODES)
     size: int = 64
     depth: int = 1
     note: str = ""
@@ -60,8 +60,8 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One line of the issue's targets: `server`'s `metric` divided by
-    `ref`'s, per round then median, must be `op` `bound`."""
+    """One performance target: `server`'s `metric` divided by `ref`'s, per
+    round then median, must be `op` `bound`."""
     scenario: str
     metric: str  # "cpu_us_per_msg" | "msgs_per_s" | "syscalls_per_msg"
     ref: Optional[str]  # None: an absolute bound on the metric itself
@@ -93,7 +93,7 @@ class ServerProcess:
         self.name = name
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastmux._bench_servers", name, mode, str(cpu)],
+            [sys.executable, "-m", "fastmux.bench.servers", name, mode, str(cpu)],
             stdout=subprocess.PIPE, stderr=self._err, stdin=subprocess.DEVNULL)
         self.pid = self.proc.pid
         self.port = self._wait_ready(timeout=20.0)
@@ -151,7 +151,7 @@ class ServerProcess:
 # -- the load generator -------------------------------------------------------------
 
 class LoadGen:
-    """Connections to one server, driven by fastmux._loadgen (GIL released)."""
+    """Connections to one server, driven by fastmux.bench._loadgen (GIL released)."""
 
     def __init__(self, port: int, scenario: Scenario, connections: int) -> None:
         from ._loadgen import ffi, lib  # type: ignore[import-not-found]
@@ -249,7 +249,7 @@ def strace_one(server: str, sc: Scenario, opts: argparse.Namespace) -> Dict[str,
     nothing in flight, so start-up is not counted and every message counted
     was handled inside the window.
 
-    tool "strace" (`strace -f -c`, the issue's method) slows the server
+    tool "strace" (`strace -f -c`, the classic method) slows the server
     tenfold, which changes its batching: a server that drains until EAGAIN
     finds the next request already there and skips its failing read.  Tool
     "perf" counts the raw_syscalls:sys_enter tracepoint at full speed."""
@@ -430,7 +430,7 @@ def render_table(summary: Dict[str, Dict[str, Any]], servers: List[str]) -> str:
 
 
 def render_targets(results: List[Dict[str, Any]]) -> str:
-    lines = ["\n== targets (issue 3; ratios are per-round medians)"]
+    lines = ["\n== targets (ratios are per-round medians)"]
     for r in results:
         mark = {True: "MET ", False: "MISS", None: "n/a "}[r["met"]]
         lines.append(f"  [{mark}] {r['target']}: {_fmt(r['value'], '.3f')} (want {r['bound']})")
@@ -485,7 +485,7 @@ def machine_info() -> Dict[str, Any]:
             versions[mod] = __import__(mod).__version__
         except ImportError:
             versions[mod] = None
-    from . import __version__
+    from fastmux import __version__
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu": model, "cpus": os.cpu_count(), "kernel": platform.release(),
@@ -520,30 +520,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(opts: argparse.Namespace) -> int:
-    opts.rounds = opts.rounds if opts.rounds is not None else (1 if opts.quick else 3)
-    opts.duration = opts.duration or (0.4 if opts.quick else 2.0)
-    opts.warmup = opts.warmup if opts.warmup is not None else (0.15 if opts.quick else 0.5)
-    opts.strace_msgs = opts.strace_msgs or (3000 if opts.quick else 20000)
-    opts.strace_seconds = 30.0
+    """The command: plan, timed rounds, the optional syscall pass, report.
+    Returns the exit status: 1 on failed runs or wrong bytes, never on figures."""
+    _apply_defaults(opts)
     try:
         from . import _loadgen  # noqa: F401
     except ImportError as e:
         print(f"fastmux bench: the C load generator is not built ({e}); "
               "install fastmux on Linux with a C compiler", file=sys.stderr)
         return 2
-    servers = list(opts.servers or SERVERS)
-    scenarios = list(opts.scenarios or SCENARIOS)
-    notes: List[str] = []
+    plan = _plan(opts)
+    for n in plan.notes:
+        print(f"note: {n}", file=sys.stderr)
+    failures: List[str] = []
+    runs = _timed_rounds(plan, opts, failures)
+    straced = _strace_pass(plan, opts, failures) if opts.strace else []
+    _report(plan, opts, runs, straced, failures)
+    errors = sum(r["errors"] + r["conn_errors"] for r in runs) + \
+        sum(s["errors"] + s["conn_errors"] for s in straced)
+    if failures:
+        print("failures:\n  " + "\n  ".join(failures), file=sys.stderr)
+    if errors:
+        print(f"ERROR: {errors} mismatched responses or lost connections", file=sys.stderr)
+    # Figures never fail the command; errors and byte mismatches do.
+    return 1 if (failures or errors) else 0
+
+
+@dataclasses.dataclass
+class Plan:
+    """What this run measures, after dropping what the machine cannot run."""
+    servers: List[str]
+    scenarios: List[str]
+    notes: List[str]  # why something was skipped or is not comparable
+
+
+def _apply_defaults(opts: argparse.Namespace) -> None:
+    """Fill the options left unset, with shorter values for --quick."""
+    opts.rounds = opts.rounds if opts.rounds is not None else (1 if opts.quick else 3)
+    opts.duration = opts.duration or (0.4 if opts.quick else 2.0)
+    opts.warmup = opts.warmup if opts.warmup is not None else (0.15 if opts.quick else 0.5)
+    opts.strace_msgs = opts.strace_msgs or (3000 if opts.quick else 20000)
+    opts.strace_seconds = 30.0
+
+
+def _plan(opts: argparse.Namespace) -> Plan:
+    """Choose the servers and scenarios, and pin this process's CPU (setting
+    opts.server_cpu for the servers); say in notes what was skipped."""
+    plan = Plan(list(opts.servers or SERVERS), list(opts.scenarios or SCENARIOS), [])
     try:
         import uvloop  # noqa: F401
     except ImportError:
-        if "uvloop" in servers:
-            servers.remove("uvloop")
-            notes.append("uvloop is not installed (pip install 'fastmux[bench]'): skipped")
-    from ._backend import epoll_available
-    if not epoll_available() and "fastmux-epoll" in servers:
-        servers.remove("fastmux-epoll")
-        notes.append("the fastmux epoll core is not available here: fastmux-epoll skipped")
+        if "uvloop" in plan.servers:
+            plan.servers.remove("uvloop")
+            plan.notes.append("uvloop is not installed (pip install 'fastmux[bench]'): skipped")
+    from fastmux import epoll_available
+    if not epoll_available() and "fastmux-epoll" in plan.servers:
+        plan.servers.remove("fastmux-epoll")
+        plan.notes.append("the fastmux epoll core is not available here: fastmux-epoll skipped")
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
     if ncpu >= 2:
         cpus = sorted(os.sched_getaffinity(0))
@@ -551,23 +584,27 @@ def run(opts: argparse.Namespace) -> int:
         os.sched_setaffinity(0, {cpus[1]})
     else:
         opts.server_cpu = -1
-        notes.append("only one CPU: server and load generator share it (figures are not "
-                     "comparable with the issue's)")
+        plan.notes.append("only one CPU: server and load generator share it (figures are not "
+                          "comparable with runs on two CPUs)")
     if opts.strace and shutil.which(opts.strace_tool) is None:
-        notes.append(f"{opts.strace_tool} is not installed: no syscall counts")
+        plan.notes.append(f"{opts.strace_tool} is not installed: no syscall counts")
         opts.strace = False
-    for n in notes:
-        print(f"note: {n}", file=sys.stderr)
+    return plan
 
-    total = opts.rounds * len(scenarios) * len(servers)
+
+def _timed_rounds(plan: Plan, opts: argparse.Namespace,
+                  failures: List[str]) -> List[Dict[str, Any]]:
+    """Every server on every scenario, `opts.rounds` times, servers
+    interleaved; a run that raises goes to `failures` and the rest go on."""
+    total = opts.rounds * len(plan.scenarios) * len(plan.servers)
     runs: List[Dict[str, Any]] = []
-    failures: List[str] = []
     k = 0
     t0 = time.monotonic()
     for rnd in range(opts.rounds):
-        for sc in scenarios:
+        for sc in plan.scenarios:
             # Rotate the order each round so no server always runs first.
-            order = servers[rnd % len(servers):] + servers[:rnd % len(servers)]
+            shift = rnd % len(plan.servers)
+            order = plan.servers[shift:] + plan.servers[:shift]
             for srv in order:
                 k += 1
                 prefix = f"[{k}/{total} {time.monotonic() - t0:5.1f}s] round {rnd + 1} " \
@@ -588,41 +625,50 @@ def run(opts: argparse.Namespace) -> int:
                 print(f"{r['msgs_per_s']:>11,.0f} msgs/s  "
                       f"{_fmt(r['cpu_us_per_msg'], '.2f')} us/msg cpu  "
                       f"util {r['server_cpu_util']:.2f}{flag}", file=sys.stderr, flush=True)
+    return runs
 
+
+def _strace_pass(plan: Plan, opts: argparse.Namespace,
+                 failures: List[str]) -> List[Dict[str, Any]]:
+    """Syscalls per message, one traced run per server and scenario."""
+    total = len(plan.scenarios) * len(plan.servers)
     straced: List[Dict[str, Any]] = []
-    if opts.strace:
-        total = len(scenarios) * len(servers)
-        k = 0
-        for sc in scenarios:
-            for srv in servers:
-                k += 1
-                print(f"[strace {k}/{total}] {sc:<8} {srv:<16}", end=" ", file=sys.stderr,
-                      flush=True)
-                try:
-                    s = strace_one(srv, SCENARIOS[sc], opts)
-                except Exception as e:
-                    failures.append(f"strace {sc}/{srv}: {e}")
-                    print(f"FAILED: {e}", file=sys.stderr, flush=True)
-                    continue
-                straced.append(s)
-                detail = " ".join(f"{n}={v:.2f}" for n, v in s["per_msg"].items())
-                print(f"{_fmt(s['syscalls_per_msg'], '.2f')} syscalls/msg ({detail})",
-                      file=sys.stderr, flush=True)
+    k = 0
+    for sc in plan.scenarios:
+        for srv in plan.servers:
+            k += 1
+            print(f"[strace {k}/{total}] {sc:<8} {srv:<16}", end=" ", file=sys.stderr,
+                  flush=True)
+            try:
+                s = strace_one(srv, SCENARIOS[sc], opts)
+            except Exception as e:
+                failures.append(f"strace {sc}/{srv}: {e}")
+                print(f"FAILED: {e}", file=sys.stderr, flush=True)
+                continue
+            straced.append(s)
+            detail = " ".join(f"{n}={v:.2f}" for n, v in s["per_msg"].items())
+            print(f"{_fmt(s['syscalls_per_msg'], '.2f')} syscalls/msg ({detail})",
+                  file=sys.stderr, flush=True)
+    return straced
 
-    summary = summarize(runs, straced, servers, scenarios)
+
+def _report(plan: Plan, opts: argparse.Namespace, runs: List[Dict[str, Any]],
+            straced: List[Dict[str, Any]], failures: List[str]) -> None:
+    """Print the table and the targets; write the JSON and the chart if asked."""
+    summary = summarize(runs, straced, plan.servers, plan.scenarios)
     targets = check_targets(summary)
     info = machine_info()
     print(f"\nfastmux bench {info['date']}  {info['cpu']} x{info['cpus']}  "
           f"Linux {info['kernel']}  CPython {info['python']}  rounds={opts.rounds} "
           f"duration={opts.duration}s connections={opts.connections}")
-    print(render_table(summary, servers))
+    print(render_table(summary, plan.servers))
     print(render_targets(targets))
-    for n in notes:
+    for n in plan.notes:
         print(f"note: {n}")
     if opts.json:
         doc = {"machine": info, "options": {k: v for k, v in vars(opts).items()
                                             if k != "func"},
-               "notes": notes, "failures": failures, "runs": runs, "strace": straced,
+               "notes": plan.notes, "failures": failures, "runs": runs, "strace": straced,
                "summary": summary, "targets": targets}
         with open(opts.json, "w") as f:
             json.dump(doc, f, indent=1, default=str)
@@ -630,13 +676,5 @@ def run(opts: argparse.Namespace) -> int:
     if opts.png:
         title = f"fastmux bench {info['date'][:10]}: {info['cpu']} x{info['cpus']}, " \
                 f"CPython {info['python']}, server on 1 CPU, C load generator on another"
-        note = write_png(summary, servers, opts.png, title)
+        note = write_png(summary, plan.servers, opts.png, title)
         print(f"note: {note}" if note else f"wrote {opts.png}")
-    errors = sum(r["errors"] + r["conn_errors"] for r in runs) + \
-        sum(s["errors"] + s["conn_errors"] for s in straced)
-    if failures:
-        print("failures:\n  " + "\n  ".join(failures), file=sys.stderr)
-    if errors:
-        print(f"ERROR: {errors} mismatched responses or lost connections", file=sys.stderr)
-    # Figures never fail the command; errors and byte mismatches do.
-    return 1 if (failures or errors) else 0
