@@ -503,3 +503,62 @@ def test_unix_busy_worker_leaves_connections_to_the_others(backend, pools, tmp_p
         gate.close()
         for s in socks:
             s.close()
+
+
+SERVE_SCRIPT = """
+import os, sys
+import fastmux
+
+class PidReply(fastmux.Handler):
+    def on_message(self, conn, data):
+        conn.write(b"%d\\n" % os.getpid())
+
+fastmux.serve(("127.0.0.1", 0), PidReply, framing=fastmux.Lines(), workers=2,
+              backend=sys.argv[1], shutdown_timeout=2.0,
+              ready=lambda pool: print(pool.address[1], flush=True))
+"""
+
+
+def test_serve_replaces_a_killed_worker_without_fork_warnings(backend):
+    """A real serve() in its own process, every warning shown: a worker is
+    killed, replaced, serves; SIGTERM stops everything cleanly, and nothing
+    warned about fork() (Python 3.12+ does when a multi-threaded process
+    forks)."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen(
+        [sys.executable, "-W", "always", "-c", SERVE_SCRIPT, backend],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())  # the address, or "" if serve() failed
+        address = ("127.0.0.1", port)
+        (supervisor,) = children_of(proc.pid)
+        wait_for(lambda: len(children_of(supervisor)) == 2, what="two workers")
+        first = set(children_of(supervisor))
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(set(children_of(supervisor)) - first) == 1
+                 and victim not in children_of(supervisor), what="a replacement worker")
+        (replacement,) = set(children_of(supervisor)) - first
+        seen: set[int] = set()
+        socks = []
+        try:
+            deadline = time.monotonic() + DEADLINE
+            while replacement not in seen and time.monotonic() < deadline:
+                socks.append(client(address))
+                seen.add(int(ask(socks[-1])))
+        finally:
+            for s in socks:
+                s.close()
+        assert replacement in seen
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "Warning" not in err, err
+    for pid in first | {replacement, supervisor}:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
