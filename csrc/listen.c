@@ -14,17 +14,6 @@
  * close every pending connection (the peers see an orderly close instead of
  * a hang), reopen the spare.  Without a spare, we stop accepting for
  * FM_EMFILE_BACKOFF_MS and try again (nginx's approach).
- *
- * A listener may be shared by several processes (WorkerPool on a Unix
- * path: Linux has no SO_REUSEPORT for Unix sockets, so the workers accept
- * on one inherited socket).  Registered plainly, every connection would
- * wake every worker waiting in epoll_wait, and all but one would find
- * EAGAIN.  EPOLLEXCLUSIVE (Linux 4.5; allowed with EPOLLIN and EPOLLET,
- * only at EPOLL_CTL_ADD) wakes one waiting epoll instance per connection,
- * and an instance nobody waits on -- a busy worker -- is passed over, so
- * arrivals go to idle workers.  On a listener of our own it changes
- * nothing.  Older kernels reject the flag with EINVAL: we register again
- * without it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -58,15 +47,10 @@ int fm_listener_add(fm_loop *loop, int fd, int framing, int64_t max_connections)
     l = &loop->listeners[lid];
     l->gen++;
     memset(&ev, 0, sizeof ev);
-    ev.events = EPOLLIN | EPOLLET | EPOLLEXCLUSIVE;
+    ev.events = EPOLLIN | EPOLLET;
     ev.data.u64 = fm__tag(FM_T_LISTENER, l->gen, lid);
-    if (epoll_ctl(loop->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-        if (errno != EINVAL)
-            return -errno;
-        ev.events = EPOLLIN | EPOLLET; /* before Linux 4.5 */
-        if (epoll_ctl(loop->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
-            return -errno;
-    }
+    if (epoll_ctl(loop->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+        return -errno;
     l->fd = fd;
     l->framing = framing;
     l->active = 1;
