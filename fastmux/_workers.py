@@ -12,13 +12,12 @@ forks the workers and restarts those that die.  Each worker makes its own Loop
 * Unix socket paths: the supervisor binds and listens once; the workers
   accept on that inherited listener (``loop.listen(None, ..., sock=...)``).
   Linux has no ``SO_REUSEPORT`` for Unix sockets, so the kernel cannot spread
-  connections at arrival.  The epoll core registers listeners with
-  ``EPOLLEXCLUSIVE``: a new connection wakes one waiting worker, not all of
-  them, and a busy worker is not the one woken, so connections that arrive
-  over time spread over the workers (the select backend wakes every worker
-  and the first to call accept() wins, which spreads the same way).  A burst
-  that is already queued when a worker wakes goes to whichever worker drains
-  the backlog first; for bursty loads over many workers prefer TCP.
+  connections at arrival: every waiting worker is woken and the first to
+  call accept() takes what is queued.  A busy worker takes nothing, but a
+  burst queued before the workers wake mostly goes to one of them.  (Not
+  ``EPOLLEXCLUSIVE``: measured here, it wakes the first waiting worker in
+  registration order, and connections arriving one at a time then all went
+  to one worker.)  For an even spread over many workers, prefer TCP.
 
 Why a supervisor process and not a supervisor thread: a process that forks
 while it runs more than one thread can deadlock the child (a lock held by

@@ -450,26 +450,6 @@ def test_worker_exits_and_restarts_are_logged(backend, pools, tmp_path):
                    for line in lines), lines
 
 
-def test_unix_connections_spread_over_workers(backend, pools, tmp_path):
-    """On a shared Unix listener (no SO_REUSEPORT for Unix sockets), each
-    arrival wakes a worker that waits: connections that arrive over time
-    spread over the workers, and none waits for a busy worker."""
-    path = str(tmp_path / "pool.sock")
-    pool = pools(path, PidReply, framing=fastmux.Lines(), workers=2, backend=backend)
-    workers = set(pool.pids)
-    socks = []
-    try:
-        served = []
-        for _ in range(40):
-            socks.append(client(path))
-            served.append(int(ask(socks[-1])))
-    finally:
-        for s in socks:
-            s.close()
-    assert set(served) <= workers
-    assert len(set(served)) > 1, "every connection landed on one worker"
-
-
 def test_unix_busy_worker_leaves_connections_to_the_others(backend, pools, tmp_path):
     """A worker stuck in a handler takes no connections from the shared
     Unix listener: the other worker serves every new one at once."""
