@@ -5,11 +5,17 @@
 #
 # (a) wheel: build the sdist and the abi3 manylinux wheel (.ci/build_wheel.sh),
 #     install the wheel into a fresh venv, run the suite from a copy of tests/
-#     outside the source tree with FASTMUX_EXPECT_BACKEND=epoll.
+#     outside the source tree with FASTMUX_EXPECT_BACKEND=epoll and
+#     DeprecationWarnings as errors.
 # (b) pure: install the sdist with FASTMUX_PURE=1 into another fresh venv;
 #     no compiled module may be installed, Loop() must pick "select", and the
 #     suite must pass (epoll tests skip; FASTMUX_EXPECT_BACKEND is unset).
-# Both passes skip the stress tests (they run once, in the main pass).
+# (c) every other supported Python: the same wheel (abi3: one wheel for all
+#     CPython >= 3.10) in a fresh venv of each of CPython 3.10, 3.12 and 3.13
+#     (found through pyenv by .ci/pythons.sh; missing ones fail when CI=true),
+#     the suite run as in (a) (FASTMUX_PYTHONS="3.10 ..." to choose).
+#     About 50 s per version on 2 CPUs.
+# All passes skip the stress tests (they run once, in the main pass).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -28,9 +34,10 @@ trap 'rm -rf "$work"' EXIT
 cp -r tests "$work/tests"
 rm -rf "$work/tests/fuzz" "$work/tests/__pycache__"
 
-run_suite() {  # venv-python, label
+run_suite() {  # venv-python, label, [interpreter options]
   local vpy=$1 label=$2 rc=0
-  (cd "$work/tests" && "$vpy" -m pytest --rootdir "$work/tests" "${PYTEST_ARGS[@]}") || rc=$?
+  shift 2
+  (cd "$work/tests" && "$vpy" "$@" -m pytest --rootdir "$work/tests" "${PYTEST_ARGS[@]}") || rc=$?
   if [ "$rc" -eq 5 ]; then fail "$label: pytest collected no tests"; fi
   [ "$rc" -eq 0 ] || fail "$label: tests failed (pytest exit $rc)"
 }
@@ -80,7 +87,7 @@ vpy="$work/venv-wheel/bin/python"
   unset FASTMUX_BACKEND
   export FASTMUX_EXPECT_BACKEND=epoll
   check_install "$vpy" epoll
-  run_suite "$vpy" "wheel"
+  run_suite "$vpy" "wheel" -W error::DeprecationWarning
 )
 
 step "(b) pure-Python install (FASTMUX_PURE=1) from the sdist in a fresh venv"
@@ -94,5 +101,23 @@ env -u FASTMUX_REQUIRE_C FASTMUX_PURE=1 "$vpy" -m pip install -q --no-cache-dir 
   check_install "$vpy" select
   run_suite "$vpy" "pure"
 )
+
+step "(c) the wheel on every other supported Python, DeprecationWarnings as errors"
+pythons=$(bash .ci/pythons.sh)  # fails here, under CI=true, if one is missing
+while read -r minor pyexe; do
+  [ -n "$minor" ] || continue
+  step "(c) CPython $minor ($pyexe): wheel in a fresh venv (epoll expected)"
+  t0=$SECONDS
+  "$pyexe" -m venv "$work/venv-$minor"
+  vpy="$work/venv-$minor/bin/python"
+  "$vpy" -m pip install -q "${wheel}[test]"
+  (
+    unset FASTMUX_BACKEND
+    export FASTMUX_EXPECT_BACKEND=epoll
+    check_install "$vpy" epoll
+    run_suite "$vpy" "CPython $minor" -W error::DeprecationWarning
+  )
+  echo "  CPython $minor: $((SECONDS - t0))s"
+done <<<"$pythons"
 
 step "install passes: all passed"

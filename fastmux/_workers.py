@@ -1,8 +1,9 @@
 """Multi-process serving: one supervisor, N worker processes, one port.
 
-The supervisor binds the address once (so port 0 becomes a real port and
-``pool.address`` can tell it), then forks the workers.  Each worker makes its
-own Loop (a loop inherited across fork is unusable) and listens:
+``start()`` binds the address once (so port 0 becomes a real port and
+``pool.address`` can tell it), then forks ONE process, the supervisor, which
+forks the workers and restarts those that die.  Each worker makes its own Loop
+(a loop inherited across fork is unusable) and listens:
 
 * TCP: every worker binds the supervisor's port again with ``SO_REUSEPORT``
   and the kernel spreads new connections over the workers.  The supervisor's
@@ -10,6 +11,26 @@ own Loop (a loop inherited across fork is unusable) and listens:
   holds the port while workers come and go.
 * Unix socket paths: the supervisor binds and listens once; the workers
   accept on that inherited listener (``loop.listen(None, ..., sock=...)``).
+  Linux has no ``SO_REUSEPORT`` for Unix sockets, so the kernel cannot spread
+  connections at arrival: every waiting worker is woken and the first to
+  call accept() takes what is queued.  A busy worker takes nothing, but a
+  burst queued before the workers wake mostly goes to one of them.  (Not
+  ``EPOLLEXCLUSIVE``: measured here, it wakes the first waiting worker in
+  registration order, and connections arriving one at a time then all went
+  to one worker.)  For an even spread over many workers, prefer TCP.
+
+Why a supervisor process and not a supervisor thread: a process that forks
+while it runs more than one thread can deadlock the child (a lock held by
+another thread at fork stays locked forever; Python 3.12+ warns about it).
+The supervisor process runs one thread, so every fork of a worker -- the
+first ones and each restart -- is made from a single-threaded process, and
+the process that called ``start()`` starts no thread and forks only once,
+there and then (call ``start()`` before starting threads of your own).  The
+calling process talks to the supervisor over a socketpair (the "control
+link"): the supervisor reports the live workers' pids and the restart count
+on it, and closing it -- ``stop()``, or the calling process dying -- stops the
+supervisor.  The supervisor logs worker exits (with their exit status) and
+restarts on the ``fastmux`` logger, with the logging set-up it inherited.
 
 Each worker is tied to the supervisor by a socketpair (the "lifeline"), which
 the worker's loop watches like any connection.  The worker reports "ready" on
@@ -18,17 +39,20 @@ because the supervisor process died, however it died -- the worker drains its
 connections (``loop.shutdown(shutdown_timeout)``) and exits.  So no worker
 outlives its supervisor by more than ``shutdown_timeout``, and the supervisor
 kills whatever is left after that.  A worker that dies is restarted (with a
-back-off if it keeps dying at once).
+back-off if it keeps dying at once).  The same chain holds one level up: the
+supervisor stops when the control link closes.
 
 ``workers=1`` runs in-process: one loop in a background thread, no fork.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import selectors
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any, Dict, List, Optional
@@ -57,6 +81,12 @@ _RESERVED_OPTIONS = ("reuse_port", "sock")
 _READY = b"R"
 _ERROR = b"E"
 
+#: Extra time the calling process gives the supervisor to exit after its own
+#: deadline (shutdown_timeout + 2 s to kill stuck workers) before killing it.
+_SUPERVISOR_GRACE = 5.0
+
+logger = logging.getLogger("fastmux")
+
 
 def _default_workers() -> int:
     try:
@@ -68,15 +98,17 @@ def _default_workers() -> int:
 class _Worker:
     """The supervisor's record of one worker process."""
 
-    __slots__ = ("pid", "sock", "ready", "error", "started", "exited")
+    __slots__ = ("pid", "slot", "sock", "ready", "error", "started", "exited", "status")
 
-    def __init__(self, pid: int, sock: socket.socket) -> None:
+    def __init__(self, pid: int, slot: int, sock: socket.socket) -> None:
         self.pid = pid
+        self.slot = slot
         self.sock = sock  # the supervisor's end of the lifeline
         self.ready = False
         self.error = b""
         self.started = time.monotonic()
         self.exited = False
+        self.status: Optional[int] = None  # os.waitpid's status once reaped
 
 
 class WorkerPool:
@@ -124,7 +156,7 @@ class WorkerPool:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
-        self.restarts = 0
+        self._restarts = 0
         # in-process (workers == 1)
         self._loop: Optional[Loop] = None
         # multi-process
@@ -135,6 +167,18 @@ class WorkerPool:
         self._wake_r: Optional[socket.socket] = None
         self._wake_w: Optional[socket.socket] = None
         self._error: Optional[BaseException] = None
+        # In the calling process: the supervisor and what it last reported.
+        self._sup_pid = 0
+        self._ctl: Optional[socket.socket] = None
+        self._ctl_buf = b""
+        self._reported = False
+        self._start_error = ""
+        self._pids: List[int] = []
+        # In the supervisor process: its end of the control link (also its
+        # wake-up: readable on a stop) and the report not yet sent on it.
+        self._up: Optional[socket.socket] = None
+        self._unsent = b""
+        self._pending: Optional[bytes] = None
 
     # -- public --------------------------------------------------------------
 
@@ -152,7 +196,16 @@ class WorkerPool:
         if self.workers == 1:
             return [os.getpid()] if self._started and not self._done.is_set() else []
         with self._lock:
-            return [w.pid for w in self._children.values() if not w.exited]
+            self._pump(0.0)
+            return list(self._pids)
+
+    @property
+    def restarts(self) -> int:
+        """How many workers were restarted after they died."""
+        if self.workers > 1:
+            with self._lock:
+                self._pump(0.0)
+        return self._restarts
 
     def start(self) -> "WorkerPool":
         """Bind, start the workers and return once every one of them is
@@ -184,12 +237,17 @@ class WorkerPool:
         self._request_stop()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+        if self._sup_pid:
+            self._stop_supervisor()
         self._done.wait()
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until the pool has stopped (or `timeout` seconds pass);
         return True if it has stopped."""
-        done = self._done.wait(timeout)
+        if self._sup_pid:
+            done = self._wait_supervisor(timeout)
+        else:
+            done = self._done.wait(timeout)
         if done and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         return done
@@ -254,7 +312,7 @@ class WorkerPool:
             finally:
                 self._done.set()
 
-    # -- workers > 1: supervisor -------------------------------------------------
+    # -- workers > 1: the calling process ----------------------------------------
 
     def _start_processes(self) -> None:
         address = self._requested_address
@@ -274,20 +332,229 @@ class WorkerPool:
         self._sock = sock
         name = sock.getsockname()
         self._address = name if self._unix_path is not None else tuple(name)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        # Output buffered now would be written twice, by us and by a child.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+        ctl, up = socket.socketpair()
+        try:
+            pid = os.fork()
+        except BaseException:
+            ctl.close()
+            up.close()
+            sock.close()
+            self._sock = None
+            if self._unix_path:
+                unlink_socket_path(self._unix_path, self._unix_ino)
+            raise
+        if pid == 0:  # the supervisor; never returns
+            code = 1
+            try:
+                ctl.close()
+                code = self._supervisor_main(up)
+            except BaseException:
+                try:
+                    import traceback
+                    traceback.print_exc()
+                except BaseException:
+                    pass
+            finally:
+                os._exit(code)
+        # The supervisor holds the listening socket from now on.
+        up.close()
+        sock.close()
+        self._sock = None
+        self._sup_pid = pid
+        self._ctl = ctl
+        # Wait for the first report: every worker listens, or one failed.
+        deadline = time.monotonic() + START_TIMEOUT + _SUPERVISOR_GRACE
+        with self._lock:
+            while not self._reported and not self._start_error and not self._done.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._start_error = (f"fastmux workers not listening after "
+                                         f"{START_TIMEOUT}s")
+                    break
+                self._pump(min(remaining, 0.1))
+        if self._start_error or not self._reported:
+            error = self._start_error or "the fastmux supervisor exited while starting"
+            self._stop_supervisor()
+            raise RuntimeError(error)
+
+    def _pump(self, timeout: float) -> None:
+        """Read what the supervisor reported, waiting up to `timeout` seconds
+        for it; on EOF, reap the supervisor.  Called with the lock held."""
+        ctl = self._ctl
+        if ctl is None:
+            return
+        data = b""
+        try:
+            ctl.settimeout(timeout if timeout > 0 else 0.0)
+            while True:
+                chunk = ctl.recv(65536)
+                data += chunk
+                if not chunk:
+                    break
+                ctl.settimeout(0.0)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            chunk = b"-"
+        except OSError:
+            chunk = b""
+        self._ctl_buf += data
+        *lines, self._ctl_buf = self._ctl_buf.split(b"\n")
+        for line in lines:
+            kind, _, rest = line.partition(b" ")
+            if kind == b"P":  # P <restarts> <pid> <pid> ...
+                fields = rest.split()
+                self._restarts = int(fields[0])
+                self._pids = [int(f) for f in fields[1:]]
+                self._reported = True
+            elif kind == b"E":  # E <why a worker failed to start>
+                self._start_error = rest.decode(errors="replace")
+        if not chunk:
+            self._supervisor_gone()
+
+    def _supervisor_gone(self) -> None:
+        """The control link closed: reap the supervisor, clean up, done."""
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+        status: Optional[int] = None
+        try:
+            _, status = os.waitpid(self._sup_pid, 0)
+        except ChildProcessError:
+            pass
+        self._pids = []
+        if self._unix_path:
+            unlink_socket_path(self._unix_path, self._unix_ino)
+        if not self._stop_requested and self._reported and self._error is None:
+            self._error = RuntimeError(
+                f"the fastmux supervisor {self._sup_pid} exited ({_describe(status)})")
+            logger.error("%s; the pool has stopped", self._error)
+        self._done.set()
+
+    def _wait_supervisor(self, timeout: Optional[float]) -> bool:
+        """Wait up to `timeout` seconds (None: no limit) for the supervisor
+        to exit; True if it has."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.is_set():
+            remaining = 0.1 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            # Short slices: other threads may want the lock (pids, stop()).
+            with self._lock:
+                if not self._done.is_set():
+                    self._pump(min(remaining, 0.1))
+        return True
+
+    def _stop_supervisor(self) -> None:
+        """Close the control link (the supervisor stops its workers and
+        exits) and wait for the supervisor; kill it if it overstays."""
+        with self._lock:
+            if self._ctl is not None:
+                try:
+                    self._ctl.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+        limit = self.shutdown_timeout + 2.0 + _SUPERVISOR_GRACE
+        if not self._wait_supervisor(limit):
+            logger.error("the fastmux supervisor %d did not stop within %.1fs; killing it",
+                         self._sup_pid, limit)
+            try:
+                os.kill(self._sup_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._wait_supervisor(None)
+
+    # -- workers > 1: the supervisor process -------------------------------------
+
+    def _supervisor_main(self, up: socket.socket) -> int:
+        """Runs in the forked supervisor (one thread): start the workers,
+        report, restart the ones that die until the control link closes.
+        Returns the exit code."""
+        self._lock = threading.Lock()  # the parent's may have been held at fork
+        self._ctl = None
+        self._thread = None
+        # Ctrl+C reaches the whole process group: the calling process decides.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # we reap, with statuses
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:
+            pass
+        up.setblocking(False)
+        self._up = up
+        # Readable when the calling process stops us; _worker_main closes it.
+        self._wake_r = up
         try:
             for slot in range(self.workers):
                 self._spawn(slot)
             self._await_ready()
-        except BaseException:
-            self._shutdown_children()
-            self._close_supervisor()
-            raise
-        self._thread = threading.Thread(target=self._supervise, name="fastmux-supervisor",
-                                        daemon=True)
-        self._thread.start()
+        except BaseException as e:
+            why = str(e) if isinstance(e, RuntimeError) else repr(e)
+            self._report(_ERROR + b" " + why.replace("\n", " ").encode(errors="replace"))
+            self._flush_report(block=True)
+            try:
+                self._shutdown_children()
+            finally:
+                self._close_supervisor()
+            return 1
+        for w in self._children.values():
+            logger.info("fastmux worker %d (slot %d) started", w.pid, w.slot)
+        self._report_pids()
+        self._supervise()
+        return 0 if self._error is None else 1
+
+    def _report_pids(self) -> None:
+        live = [w.pid for w in self._children.values() if not w.exited and w.pid > 0]
+        self._report(b"P %d %s" % (self._restarts, " ".join(map(str, live)).encode()))
+
+    def _report(self, line: bytes) -> None:
+        """Send `line` to the calling process.  Each report is a snapshot, so
+        one the calling process has not made room for yet replaces the one
+        before it (a line already partly sent is finished first)."""
+        self._pending = line + b"\n"
+        self._flush_report()
+
+    def _flush_report(self, block: bool = False) -> None:
+        up = self._up
+        if up is None:
+            return
+        try:
+            if block:
+                up.settimeout(2.0)
+            while self._unsent or self._pending:
+                if not self._unsent:
+                    self._unsent, self._pending = self._pending or b"", None
+                self._unsent = self._unsent[up.send(self._unsent):]
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            pass
+        except OSError:
+            self._unsent, self._pending = b"", None  # nobody listens any more
+        finally:
+            if block:
+                try:
+                    up.setblocking(False)
+                except OSError:
+                    pass
+
+    def _drain_wake(self) -> None:
+        """Read the control link; EOF (or an error) is a stop request."""
+        assert self._wake_r is not None
+        while True:
+            try:
+                data = self._wake_r.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._stop_requested = True
+                return
 
     def _spawn(self, slot: int) -> None:
         parent_end, child_end = socket.socketpair()
@@ -313,7 +580,7 @@ class WorkerPool:
         child_end.close()
         parent_end.setblocking(False)
         with self._lock:
-            self._children[slot] = _Worker(pid, parent_end)
+            self._children[slot] = _Worker(pid, slot, parent_end)
 
     def _await_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -334,9 +601,15 @@ class WorkerPool:
                 for w in pending:
                     if not w.ready:
                         sel.register(w.sock, selectors.EVENT_READ)
+                if self._wake_r is not None:
+                    sel.register(self._wake_r, selectors.EVENT_READ)
                 sel.select(0.1)
             finally:
                 sel.close()
+            if self._wake_r is not None:
+                self._drain_wake()
+                if self._stop_requested:
+                    raise RuntimeError("the pool was stopped while its workers started")
 
     def _read_lifeline(self, w: _Worker) -> None:
         """Read what worker `w` said; mark it exited on EOF."""
@@ -356,7 +629,7 @@ class WorkerPool:
                 w.ready = True
 
     def _supervise(self) -> None:
-        """The supervisor thread: restart workers that die, until stopped."""
+        """The supervisor's loop: restart workers that die, until stopped."""
         backoff: Dict[int, float] = {}
         try:
             sel = selectors.DefaultSelector()
@@ -373,12 +646,10 @@ class WorkerPool:
                             pass
                     for key, _ in sel.select(0.2):
                         if key.fileobj is self._wake_r:
-                            try:
-                                self._wake_r.recv(4096)
-                            except OSError:
-                                pass
+                            self._drain_wake()
                         else:
                             self._read_lifeline(key.data)
+                    self._flush_report()
                     if self._stop_requested:
                         break
                     for slot, w in live.items():
@@ -396,12 +667,20 @@ class WorkerPool:
                         delay = backoff.get(slot, 0.0)
                         delay = 0.0 if lived > 5.0 else min(max(0.1, delay * 2), 5.0)
                         backoff[slot] = delay
+                        logger.warning(
+                            "fastmux worker %d (slot %d) exited (%s) after %.1fs; "
+                            "restarting it%s", -w.pid, slot, _describe(w.status), lived,
+                            f" in {delay:.1f}s" if delay else "")
+                        self._report_pids()
                         if delay and self._sleep(delay):
                             break
                         with self._lock:
                             del self._children[slot]
                         self._spawn(slot)
-                        self.restarts += 1
+                        self._restarts += 1
+                        logger.info("fastmux worker %d (slot %d) started, replacing %d",
+                                    self._children[slot].pid, slot, -w.pid)
+                        self._report_pids()
             finally:
                 sel.close()
         except BaseException as e:
@@ -416,8 +695,15 @@ class WorkerPool:
     def _sleep(self, delay: float) -> bool:
         """Sleep up to `delay`; True if a stop was requested meanwhile."""
         deadline = time.monotonic() + delay
-        while not self._stop_requested and time.monotonic() < deadline:
-            time.sleep(min(0.05, deadline - time.monotonic()))
+        sel = selectors.DefaultSelector()
+        try:
+            if self._wake_r is not None:
+                sel.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stop_requested and time.monotonic() < deadline:
+                if sel.select(max(0.0, deadline - time.monotonic())):
+                    self._drain_wake()
+        finally:
+            sel.close()
         return self._stop_requested
 
     def _reap(self, w: _Worker) -> bool:
@@ -425,11 +711,12 @@ class WorkerPool:
         if w.pid <= 0:
             return True
         try:
-            pid, _ = os.waitpid(w.pid, os.WNOHANG)
+            pid, status = os.waitpid(w.pid, os.WNOHANG)
         except ChildProcessError:
-            pid = w.pid
+            pid, status = w.pid, None
         if pid == 0:
             return False
+        w.status = status
         w.exited = True
         w.pid = -w.pid  # reaped; never signal that pid again
         return True
@@ -450,17 +737,22 @@ class WorkerPool:
             time.sleep(0.02)
             alive = [w for w in alive if not self._reap(w)]
         for w in alive:
+            logger.warning("fastmux worker %d (slot %d) still running %.1fs after the stop; "
+                           "killing it", w.pid, w.slot, self.shutdown_timeout + 2.0)
             try:
                 os.kill(w.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         for w in alive:
             try:
-                os.waitpid(w.pid, 0)
+                _, w.status = os.waitpid(w.pid, 0)
             except ChildProcessError:
                 pass
             w.exited = True
             w.pid = -abs(w.pid)
+        for w in children:
+            logger.info("fastmux worker %d (slot %d) stopped (%s)", abs(w.pid), w.slot,
+                        _describe(w.status))
         with self._lock:
             self._children.clear()
 
@@ -527,6 +819,20 @@ class WorkerPool:
             return 0
         finally:
             loop.close()
+
+
+def _describe(status: Optional[int]) -> str:
+    """A wait status in words: "exit code 1", "killed by signal 9 (SIGKILL)"."""
+    if status is None:
+        return "exit status unknown"
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "?"
+    return f"killed by signal {-code} ({name})"
 
 
 def _tell(sock: socket.socket, data: bytes) -> None:

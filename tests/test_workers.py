@@ -6,11 +6,13 @@ bounded; the pool is stopped in a ``finally`` so no worker outlives a test.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import threading
 import time
+import warnings
 
 import pytest
 from support import DEADLINE
@@ -43,6 +45,26 @@ class Stuck(fastmux.Handler):
         conn.write(b"stuck\n")
         conn._flush_now()  # make sure the client learns we got here
         time.sleep(60)
+
+
+class HoldAtGate(fastmux.Handler):
+    """On b"hold": answers its pid, then blocks its worker until the test
+    lets go (it connects to the Unix socket `GATE` and waits for a byte)."""
+
+    gate = ""
+
+    def on_message(self, conn: fastmux.Connection, data: bytes) -> None:
+        if data == b"hold":
+            g = socket.socket(socket.AF_UNIX)
+            g.settimeout(DEADLINE)
+            try:
+                g.connect(self.gate)
+                g.recv(1)  # the test lets go (or closes), or DEADLINE passes
+            except OSError:
+                pass
+            finally:
+                g.close()
+        conn.write(b"%d\n" % os.getpid())
 
 
 def family_of(address) -> int:
@@ -88,6 +110,31 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             kids.append(int(name))
     return kids
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def threads_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no Threads: line for {pid}")
+
+
+def kill_and_await_replacement(pool: fastmux.WorkerPool) -> tuple[int, int]:
+    """SIGKILL one worker, wait until the pool has replaced it; returns
+    (victim, replacement)."""
+    before = pool.pids
+    victim = before[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(pool.pids) == len(before) and victim not in pool.pids,
+             what="a replacement worker")
+    (replacement,) = set(pool.pids) - set(before)
+    return victim, replacement
 
 
 def wait_for(predicate, timeout: float = DEADLINE, what: str = "") -> None:
@@ -175,7 +222,10 @@ def test_stop_leaves_no_process_behind(backend):
     pool.start()
     try:
         pids = pool.pids
-        assert sorted(children_of(os.getpid())) == sorted(pids)
+        # One supervisor process, the workers its children.
+        supervisors = children_of(os.getpid())
+        assert len(supervisors) == 1 and supervisors[0] not in pids
+        assert sorted(children_of(supervisors[0])) == sorted(pids)
         s = client(pool.address)
         assert int(ask(s)) in pids
     finally:
@@ -187,7 +237,7 @@ def test_stop_leaves_no_process_behind(backend):
     assert pool.wait(0)
     assert pool.pids == []
     assert children_of(os.getpid()) == []
-    for pid in pids:
+    for pid in pids + supervisors:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     # The port is free again (SO_REUSEADDR: the closed connection may be
@@ -322,3 +372,173 @@ def test_arguments_are_checked():
     with pytest.raises(RuntimeError):
         _ = pool.address
     pool.stop()  # before start: harmless
+
+
+def test_workers_are_forked_from_a_single_threaded_process(backend, pools, capfd):
+    """Forking from a multi-threaded process can deadlock the child (and
+    Python 3.12+ warns).  The workers -- the first ones and a replacement
+    for one that was killed -- are forked by a supervisor process with one
+    thread, and no process of the pool warns about fork()."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        # To fd 2 itself, so capfd sees what the forked processes print too.
+        os.write(2, warnings.formatwarning(message, category, filename, lineno).encode())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # inherited by every process forked here
+        warnings.showwarning = show
+        pool = pools(("127.0.0.1", 0), PidReply, framing=fastmux.Lines(), workers=2,
+                     backend=backend)
+        parents = {parent_of(pid) for pid in pool.pids}
+        victim, replacement = kill_and_await_replacement(pool)
+        parents.add(parent_of(replacement))
+        assert len(parents) == 1
+        (supervisor,) = parents
+        assert supervisor != os.getpid()
+        assert threads_of(supervisor) == 1
+        assert pool.restarts == 1
+        # The replacement serves.
+        seen: set[int] = set()
+        socks = []
+        try:
+            deadline = time.monotonic() + DEADLINE
+            while replacement not in seen and time.monotonic() < deadline:
+                socks.append(client(pool.address))
+                seen.add(int(ask(socks[-1])))
+        finally:
+            for s in socks:
+                s.close()
+        assert replacement in seen
+        pool.stop()
+    err = capfd.readouterr().err
+    assert "fork" not in err and "Warning" not in err, err
+
+
+def test_worker_exits_and_restarts_are_logged(backend, pools, tmp_path):
+    """The supervisor logs, on the "fastmux" logger, a worker's exit with
+    its exit status, its replacement, and each worker's exit at stop.  The
+    supervisor is a process of its own: the handler here writes to a file
+    (caplog's records would stay in the supervisor's memory)."""
+    log = logging.getLogger("fastmux")
+    handler = logging.FileHandler(tmp_path / "pool.log")
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        pool = pools(("127.0.0.1", 0), PidReply, framing=fastmux.Lines(), workers=2,
+                     backend=backend)
+        first = pool.pids
+        victim, replacement = kill_and_await_replacement(pool)
+        pool.stop()  # returns once the supervisor has exited: the log is complete
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+        handler.close()
+    lines = (tmp_path / "pool.log").read_text().splitlines()
+    for pid in first:
+        assert any(line.startswith("INFO fastmux fastmux worker %d " % pid) and "started" in line
+                   for line in lines), lines
+    exited = [line for line in lines if line.startswith("WARNING fastmux fastmux worker %d " % victim)]
+    assert len(exited) == 1, lines
+    assert "exited (killed by signal %d (SIGKILL))" % signal.SIGKILL in exited[0]
+    assert "restarting it" in exited[0]
+    assert any("worker %d " % replacement in line and "replacing %d" % victim in line
+               for line in lines), lines
+    for pid in set(first) - {victim} | {replacement}:
+        assert any("worker %d " % pid in line and "stopped (exit code 0)" in line
+                   for line in lines), lines
+
+
+def test_unix_busy_worker_leaves_connections_to_the_others(backend, pools, tmp_path):
+    """A worker stuck in a handler takes no connections from the shared
+    Unix listener: the other worker serves every new one at once."""
+    gate = socket.socket(socket.AF_UNIX)
+    gate.settimeout(DEADLINE)
+    gate.bind(str(tmp_path / "gate.sock"))
+    gate.listen(1)
+    HoldAtGate.gate = str(tmp_path / "gate.sock")
+    path = str(tmp_path / "pool.sock")
+    pool = pools(path, HoldAtGate, framing=fastmux.Lines(), workers=2, backend=backend)
+    held = client(path, timeout=DEADLINE)
+    socks = []
+    try:
+        held.sendall(b"hold\n")
+        holder, _ = gate.accept()  # one worker now sits in its handler
+        try:
+            # Fresh connections are answered while it sits there (the held
+            # connection's answer comes only after the gate opens).
+            served = set()
+            for _ in range(10):
+                socks.append(client(path))
+                served.add(int(ask(socks[-1])))
+            assert len(served) == 1
+            holder.sendall(b"x")
+        finally:
+            holder.close()
+        (busy,) = set(pool.pids) - served
+        assert int(ask(held, b"")) == busy
+    finally:
+        held.close()
+        gate.close()
+        for s in socks:
+            s.close()
+
+
+SERVE_SCRIPT = """
+import os, sys
+import fastmux
+
+class PidReply(fastmux.Handler):
+    def on_message(self, conn, data):
+        conn.write(b"%d\\n" % os.getpid())
+
+fastmux.serve(("127.0.0.1", 0), PidReply, framing=fastmux.Lines(), workers=2,
+              backend=sys.argv[1], shutdown_timeout=2.0,
+              ready=lambda pool: print(pool.address[1], flush=True))
+"""
+
+
+def test_serve_replaces_a_killed_worker_without_fork_warnings(backend):
+    """A real serve() in its own process, every warning shown: a worker is
+    killed, replaced, serves; SIGTERM stops everything cleanly, and nothing
+    warned about fork() (Python 3.12+ does when a multi-threaded process
+    forks)."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen(
+        [sys.executable, "-W", "always", "-c", SERVE_SCRIPT, backend],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())  # the address, or "" if serve() failed
+        address = ("127.0.0.1", port)
+        (supervisor,) = children_of(proc.pid)
+        wait_for(lambda: len(children_of(supervisor)) == 2, what="two workers")
+        first = set(children_of(supervisor))
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(set(children_of(supervisor)) - first) == 1
+                 and victim not in children_of(supervisor), what="a replacement worker")
+        (replacement,) = set(children_of(supervisor)) - first
+        seen: set[int] = set()
+        socks = []
+        try:
+            deadline = time.monotonic() + DEADLINE
+            while replacement not in seen and time.monotonic() < deadline:
+                socks.append(client(address))
+                seen.add(int(ask(socks[-1])))
+        finally:
+            for s in socks:
+                s.close()
+        assert replacement in seen
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "Warning" not in err, err
+    for pid in first | {replacement, supervisor}:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
