@@ -850,7 +850,8 @@ class Loop:
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> Handle:
         """Run ``fn(*args)`` in the next iteration (FIFO).  TypeError if `fn`
         is not callable."""
-        check_callable(fn, "fn")
+        if not callable(fn):  # the builtin first: call_soon is a hot path
+            check_callable(fn, "fn")
         self._check_usable()
         h = Handle(fn, args, self)
         self._ready.append(h)
@@ -860,7 +861,8 @@ class Loop:
 
     def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> Handle:
         """Like call_soon, from any thread; wakes a blocked loop."""
-        check_callable(fn, "fn")
+        if not callable(fn):
+            check_callable(fn, "fn")
         if self._closed:
             raise RuntimeError("the loop is closed")
         h = Handle(fn, args, self)
