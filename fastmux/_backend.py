@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any, Protocol, Sequence, Tuple
 
 from ._errors import BackendUnavailable
@@ -192,11 +193,24 @@ def epoll_available() -> bool:
     return True
 
 
-def make_backend(name: str) -> Backend:
-    """Build the backend called `name` ("auto", "epoll" or "select")."""
+def resolve_backend(name: str, stacklevel: int = 1) -> str:
+    """The backend `name` stands for here: "epoll" or "select".
+
+    "auto" is FASTMUX_BACKEND if set, else "epoll" when the C core imports,
+    else "select" -- with a RuntimeWarning (once per process, pointing
+    `stacklevel` frames above the caller, as ``warnings.warn`` counts) when
+    that fallback happens on Linux and nobody asked for pure Python.
+    Raises ValueError for an unknown name and BackendUnavailable for
+    "epoll" where the core is missing."""
     if name == "auto":
         forced = os.environ.get("FASTMUX_BACKEND")
-        name = forced if forced else ("epoll" if epoll_available() else "select")
+        if forced:
+            name = forced
+        elif epoll_available():
+            return "epoll"
+        else:
+            _warn_pure_fallback(stacklevel + 2)
+            return "select"
     if name == "epoll":
         if not epoll_available():
             raise BackendUnavailable(
@@ -204,11 +218,54 @@ def make_backend(name: str) -> Backend:
                 "(fastmux._core); reinstall without FASTMUX_PURE=1 on Linux "
                 "with a C compiler"
             )
+        return name
+    if name == "select":
+        return name
+    raise ValueError(f"unknown backend {name!r}: expected 'auto', 'epoll' or 'select'")
+
+
+def make_backend(name: str) -> Backend:
+    """Build the backend called `name` ("auto", "epoll" or "select")."""
+    name = resolve_backend(name, stacklevel=3)  # make_backend <- Loop() <- user
+    if name == "epoll":
         from ._epoll import EpollBackend
 
         return EpollBackend()
-    if name == "select":
-        from ._select import SelectBackend
+    from ._select import SelectBackend
 
-        return SelectBackend()
-    raise ValueError(f"unknown backend {name!r}: expected 'auto', 'epoll' or 'select'")
+    return SelectBackend()
+
+
+# Set once the fallback warning has been given (a forked worker inherits it).
+_fallback_warned = False
+
+
+def _warn_pure_fallback(stacklevel: int) -> None:
+    """Say once per process that "auto" fell back to select on Linux.
+
+    Nobody asked for it (FASTMUX_PURE=1 and FASTMUX_BACKEND=select at run
+    time are the two ways to ask), so the C core is missing by accident: most
+    often Python runs from a source tree that was never built, whose
+    ``fastmux/`` shadows an installed copy.  Benchmarking that by mistake
+    measures the pure-Python fallback."""
+    global _fallback_warned
+    if _fallback_warned or not sys.platform.startswith("linux"):
+        return
+    if os.environ.get("FASTMUX_PURE") == "1":
+        return
+    _fallback_warned = True
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    if os.path.exists(os.path.join(os.path.dirname(pkg), "csrc", "fastmux.h")):
+        cause = (f"fastmux is imported from the source tree {pkg}, where the C core "
+                 "was never built (an installed fastmux, if any, is shadowed by it); "
+                 "build it in place with `python setup.py build_ext --inplace`, "
+                 "install with `pip install -e .`, or run from another directory")
+    else:
+        cause = (f"the fastmux installed at {pkg} has no working C core (installed "
+                 "with FASTMUX_PURE=1, or its C build failed); reinstall it on Linux "
+                 "with a C compiler")
+    warnings.warn(
+        "fastmux: the compiled epoll core (fastmux._core) does not import, so "
+        f"Loop() uses the slower pure-Python select backend: {cause}. "
+        "To choose the select backend on purpose, set FASTMUX_BACKEND=select "
+        "(or FASTMUX_PURE=1).", RuntimeWarning, stacklevel=stacklevel)

@@ -55,12 +55,24 @@ class Hello(Handler):
 
 def add_server_arguments(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
-    p.add_argument("--port", type=int, default=port,
+    p.add_argument("--port", type=_port, default=port,
                    help="port (default %(default)s; 0 picks a free one and prints it)")
     p.add_argument("--backend", default="auto", choices=["auto", "epoll", "select"],
                    help="event loop backend (default %(default)s)")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes sharing the port (default %(default)s: in-process)")
+
+
+def _port(text: str) -> int:
+    """argparse type of --port: an int from 0 to 65535 (argparse reports the
+    error in one line and exits 2)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535, got {port}")
+    return port
 
 
 def run_server(name: str, opts: argparse.Namespace, factory: HandlerFactory,
@@ -76,8 +88,17 @@ def run_server(name: str, opts: argparse.Namespace, factory: HandlerFactory,
         print(f"{name} on {where} ({_backend_name(opts.backend)} backend, {pool.workers} "
               f"worker{'s' if pool.workers != 1 else ''}); Ctrl+C stops", flush=True)
 
-    serve((opts.host, opts.port), factory, framing=framing, workers=opts.workers,
-          backend=opts.backend, ready=ready)
+    try:
+        serve((opts.host, opts.port), factory, framing=framing, workers=opts.workers,
+              backend=opts.backend, ready=ready)
+    except (OSError, ValueError, RuntimeError) as e:
+        # A port in use, a host that does not resolve or is not ours, a
+        # backend this host lacks: the user's input, so one line, no
+        # traceback.  (RuntimeError covers BackendUnavailable and a worker
+        # that failed to start; its own traceback went to stderr already.)
+        detail = " ".join(str(e).split()) or type(e).__name__
+        print(f"{name}: cannot serve on {opts.host}:{opts.port}: {detail}", file=sys.stderr)
+        return 1
     return 0
 
 

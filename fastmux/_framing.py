@@ -13,12 +13,16 @@ from __future__ import annotations
 
 from typing import List, Literal, Tuple
 
+from ._checks import check_bytes, check_int
 from ._constants import DEFAULT_MAX_SIZE
 from ._constants import FR_DELIM as _FR_DELIM
 from ._constants import FR_FIXED as _FR_FIXED
 from ._constants import FR_LENGTH as _FR_LENGTH
 from ._constants import FR_RAW as _FR_RAW
 from ._errors import MessageTooLarge
+
+#: Bounds `max_size` and `Fixed` sizes: the C framers count in 32 bits.
+_MAX_SIZE = 0x7FFFFFFF
 
 
 class Framing:
@@ -83,7 +87,7 @@ class Delimiter(Framing):
     max_size: int
 
     def __init__(self, sep: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> None:
-        sep = bytes(sep)
+        sep = check_bytes(sep, "sep")
         if not sep:
             raise ValueError("Delimiter needs a non-empty separator")
         if len(sep) > 255:
@@ -139,10 +143,13 @@ class LengthPrefixed(Framing):
 
     def __init__(self, header_size: int = 4, byteorder: str = "big", *,
                  max_size: int = DEFAULT_MAX_SIZE) -> None:
+        header_size = check_int(header_size, "header_size", 1, 8)
         if header_size not in (1, 2, 4, 8):
-            raise ValueError("header_size must be 1, 2, 4 or 8")
+            raise ValueError(f"header_size must be 1, 2, 4 or 8, got {header_size}")
+        if not isinstance(byteorder, str):
+            raise TypeError(f"byteorder must be a str, got {byteorder!r}")
         if byteorder not in ("big", "little"):
-            raise ValueError("byteorder must be 'big' or 'little'")
+            raise ValueError(f"byteorder must be 'big' or 'little', got {byteorder!r}")
         _check_max(max_size)
         object.__setattr__(self, "header_size", header_size)
         object.__setattr__(self, "byteorder", byteorder)
@@ -180,8 +187,7 @@ class Fixed(Framing):
     size: int
 
     def __init__(self, size: int) -> None:
-        if not isinstance(size, int) or size < 1 or size > 0x7FFFFFFF:
-            raise ValueError("Fixed size must be an int from 1 to 2**31-1")
+        size = check_int(size, "size", 1, _MAX_SIZE)
         object.__setattr__(self, "size", size)
 
     _kind = _FR_FIXED
@@ -198,8 +204,7 @@ class Fixed(Framing):
 
 
 def _check_max(max_size: int) -> None:
-    if not isinstance(max_size, int) or max_size < 1 or max_size > 0x7FFFFFFF:
-        raise ValueError("max_size must be an int from 1 to 2**31-1")
+    check_int(max_size, "max_size", 1, _MAX_SIZE)
 
 
 def split(spec: Framing, buf: bytes, start: int = 0) -> Tuple[List[bytes], int]:

@@ -23,6 +23,16 @@ import weakref
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
 from ._backend import Backend, FastPath, make_backend
+from ._checks import (
+    MAX_COUNT,
+    check_bytes,
+    check_callable,
+    check_connect_args,
+    check_int,
+    check_listen_args,
+    check_number,
+    check_seconds,
+)
 from ._constants import (
     DEFAULT_MAX_WRITE_BUFFER,
     EV_ACCEPT,
@@ -214,7 +224,7 @@ class Connection:
         if self._wclosed:
             raise ConnectionClosed("write on a closed connection")
         if type(data) is not bytes:
-            data = bytes(data)
+            data = check_bytes(data, "data")
         if not data:
             return
         wb = self._wbuf
@@ -249,6 +259,10 @@ class Connection:
 
     def set_write_limits(self, high: Optional[int] = None, low: Optional[int] = None) -> None:
         """Watermarks for ``on_drain`` (default 64 KiB and high // 4)."""
+        if high is not None:
+            high = check_int(high, "high", 0, MAX_COUNT)
+        if low is not None:
+            low = check_int(low, "low", 0, MAX_COUNT)
         if high is None:
             high = 64 * 1024 if low is None else 4 * low
         if low is None:
@@ -469,6 +483,8 @@ class Loop:
         6. Send everything written during this iteration: one send per
            connection.
         """
+        if timeout is not None:
+            check_number(timeout, "timeout")
         self._check_usable()
         self._in_iteration = True
         try:
@@ -781,6 +797,7 @@ class Loop:
         seconds.  Outside ``run()`` this runs the loop until every
         ``on_close`` has run; from a callback it starts the shutdown and
         returns (the loop keeps running; stop it when you like)."""
+        check_seconds(timeout, "timeout", zero_ok=True)
         self._check_usable()
         for server in list(self._servers.values()):
             server.close()
@@ -842,7 +859,10 @@ class Loop:
     # -- callbacks and timers --------------------------------------------------
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> Handle:
-        """Run ``fn(*args)`` in the next iteration (FIFO)."""
+        """Run ``fn(*args)`` in the next iteration (FIFO).  TypeError if `fn`
+        is not callable."""
+        if not callable(fn):  # the builtin first: call_soon is a hot path
+            check_callable(fn, "fn")
         self._check_usable()
         h = Handle(fn, args, self)
         self._ready.append(h)
@@ -852,6 +872,8 @@ class Loop:
 
     def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> Handle:
         """Like call_soon, from any thread; wakes a blocked loop."""
+        if not callable(fn):
+            check_callable(fn, "fn")
         if self._closed:
             raise RuntimeError("the loop is closed")
         h = Handle(fn, args, self)
@@ -860,11 +882,16 @@ class Loop:
         return h
 
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
-        """Run ``fn(*args)`` no earlier than `delay` seconds from now."""
+        """Run ``fn(*args)`` no earlier than `delay` seconds from now.
+        TypeError if `fn` is not callable or `delay` not a number."""
+        check_number(delay, "delay")
+        check_callable(fn, "fn")
         return self.call_at(time.monotonic() + delay, fn, *args)
 
     def call_at(self, when: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
         """Run ``fn(*args)`` no earlier than ``loop.time() == when``."""
+        check_number(when, "when")
+        check_callable(fn, "fn")
         self._check_usable()
         seq = self._timer_seq
         self._timer_seq = seq + 1
@@ -926,20 +953,28 @@ class Loop:
                max_connections: Optional[int] = None,
                idle_timeout: Optional[float] = None,
                max_write_buffer: Optional[int] = DEFAULT_MAX_WRITE_BUFFER) -> Server:
-        """Listen on `address` -- ``(host, port)`` (port 0: any free port) or a
-        Unix socket path -- or on the bound socket `sock`.
+        """Listen on `address` -- ``(host, port)`` (port 0 to 65535; 0: any
+        free port) or a Unix socket path -- or on the bound socket `sock`.
 
-        Host names are resolved with getaddrinfo, which blocks.  Each
-        accepted connection gets ``handler_factory()``, then ``on_open``.
-        `max_connections` (default unlimited): beyond it new connections are
-        accepted and closed at once.  `idle_timeout` (seconds, default none):
-        a connection silent that long is closed with IdleTimeout.
-        `max_write_buffer` (default 64 MiB; None: unlimited): see
-        WriteBufferFull."""
+        A Unix socket path is ``bytes``, an ``os.PathLike`` or a ``str``
+        containing a "/" (``"./app.sock"``); any other str, such as
+        ``"localhost:8080"``, is refused with ValueError rather than becoming
+        a socket file.  Host names are resolved with getaddrinfo, which
+        blocks.  Each accepted connection gets ``handler_factory()`` (a
+        callable), then ``on_open``.  `max_connections` (an int >= 0; default
+        None, unlimited): beyond it new connections are accepted and closed
+        at once.  `idle_timeout` (seconds > 0; default None, no timeout): a
+        connection silent that long is closed with IdleTimeout.
+        `max_write_buffer` (bytes >= 1, default 64 MiB; None: unlimited): see
+        WriteBufferFull.  `backlog`: an int >= 0, for listen(2).
+
+        Every argument is checked before a socket is made: TypeError or
+        ValueError naming the argument; OSError from resolving or binding."""
         self._check_usable()
+        check_listen_args(address, handler_factory, framing, sock=sock, backlog=backlog,
+                          max_connections=max_connections, idle_timeout=idle_timeout,
+                          max_write_buffer=max_write_buffer)
         framing = framing if framing is not None else _DEFAULT_FRAMING
-        if not isinstance(framing, Framing):
-            raise TypeError(f"framing must be a framing spec, got {framing!r}")
         unix_path = None
         if sock is None:
             if address is None:
@@ -977,11 +1012,17 @@ class Loop:
         block).  ``on_open`` runs once connected; a failed or timed-out
         connect reaches ``on_close(conn, exc)`` without ``on_open``.  Writes
         made before then are queued.  `sock`: an already connected (or
-        connecting) socket to use instead."""
+        connecting) socket to use instead.
+
+        `address` follows listen()'s rule (a Unix path is bytes, a PathLike
+        or a str with a "/").  `timeout`, `idle_timeout` (seconds > 0) and
+        `max_write_buffer` (bytes >= 1) take None for no limit.  Every
+        argument is checked before the handler or a socket is made:
+        TypeError or ValueError naming the argument."""
         self._check_usable()
+        check_connect_args(address, handler_factory, framing, sock=sock, timeout=timeout,
+                           idle_timeout=idle_timeout, max_write_buffer=max_write_buffer)
         framing = framing if framing is not None else _DEFAULT_FRAMING
-        if not isinstance(framing, Framing):
-            raise TypeError(f"framing must be a framing spec, got {framing!r}")
         fid = self._framing_id(framing)
         if sock is None and address is None:
             raise ValueError("connect() needs an address or sock=")
@@ -1041,6 +1082,8 @@ class Loop:
 
         Main thread only (Python's rule for signal handlers).  The previous
         disposition is restored by ``remove_signal_handler``."""
+        _check_signum(signum)
+        check_callable(fn, "fn")
         self._check_usable()
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("signal handlers can only be added from the main thread")
@@ -1207,6 +1250,13 @@ def _bound_socket(address: Address, reuse_port: bool) -> Tuple[socket.socket, Op
         sock.close()
         raise
     return sock, unix_path
+
+
+def _check_signum(signum: Any) -> None:
+    if isinstance(signum, bool) or not isinstance(signum, int):
+        raise TypeError(f"signum must be an int, got {signum!r}")
+    if signum not in signal.valid_signals():
+        raise ValueError(f"signum {signum} is not a signal number on this platform")
 
 
 __all__ = ["Loop", "Handler", "Connection", "Server", "Handle", "TimerHandle"]

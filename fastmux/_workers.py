@@ -57,6 +57,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
+from ._checks import check_pool_args
 from ._framing import Framing
 from ._loop import (
     Address,
@@ -135,6 +136,7 @@ class WorkerPool:
         for name in _RESERVED_OPTIONS:
             if name in listen_options:
                 raise TypeError(f"WorkerPool sets {name!r} itself")
+        check_pool_args(address, handler_factory, framing, backend, listen_options)
         if workers is None:
             workers = _default_workers()
         if not isinstance(workers, int) or workers < 1:

@@ -101,3 +101,47 @@ def test_http_command_serves_and_stops_on_sigint():
     finally:
         rc = srv.stop(signal.SIGINT)
     assert rc == 0
+
+
+# --- bad input: one line on stderr, no traceback, a non-zero exit ------------------
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    """Run `python -m fastmux ARGS` to completion (bounded: a command that
+    serves instead of failing is killed at DEADLINE and the test fails)."""
+    return subprocess.run([sys.executable, "-m", "fastmux", *args], capture_output=True,
+                          text=True, timeout=DEADLINE, env=_env())
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_port_out_of_range_is_a_usage_error(port):
+    out = _run("http", "--port", port)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    assert "--port" in out.stderr and port in out.stderr, out.stderr
+    assert out.stdout == ""  # no banner: nothing was served
+
+
+def _one_line_error(out: subprocess.CompletedProcess, *needles: str) -> None:
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert out.stdout == ""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_port_in_use_prints_one_line(workers):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = str(busy.getsockname()[1])
+        out = _run("echo", "--port", port, "--workers", workers)
+    _one_line_error(out, "echo:", f"127.0.0.1:{port}", "in use")
+
+
+def test_host_not_local_prints_one_line():
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737): a valid address, never a local one.
+    out = _run("http", "--host", "192.0.2.1", "--port", "0")
+    _one_line_error(out, "http:", "192.0.2.1")
+

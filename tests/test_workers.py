@@ -353,14 +353,21 @@ def test_single_worker_drains_on_stop(backend):
         pool.stop()
 
 
-def test_worker_failing_to_start_is_reported():
-    pool = fastmux.WorkerPool(("127.0.0.1", 0), PidReply, workers=2, backend="nonesuch")
+def test_worker_failing_to_start_is_reported(monkeypatch):
+    # The pool checks its arguments (an unknown backend included) before it
+    # forks, so make the workers fail where only a worker looks: its Loop.
+    def no_loop(backend: str) -> fastmux.Loop:
+        raise OSError("no loop for this worker")
+
+    monkeypatch.setattr(fastmux._workers, "Loop", no_loop)
+    pool = fastmux.WorkerPool(("127.0.0.1", 0), PidReply, workers=2)
     with pytest.raises(RuntimeError, match="failed to start"):
         pool.start()
     assert children_of(os.getpid()) == []
     pool.stop()
-    with pytest.raises(ValueError):
-        fastmux.WorkerPool(("127.0.0.1", 0), PidReply, workers=1, backend="nonesuch").start()
+    for workers in (1, 2):
+        with pytest.raises(ValueError, match="backend"):
+            fastmux.WorkerPool(("127.0.0.1", 0), PidReply, workers=workers, backend="nonesuch")
 
 
 def test_arguments_are_checked():
