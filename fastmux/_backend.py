@@ -253,19 +253,27 @@ def _warn_pure_fallback(stacklevel: int) -> None:
         return
     if os.environ.get("FASTMUX_PURE") == "1":
         return
+    cause = _fallback_cause(os.path.dirname(os.path.abspath(__file__)))
+    if cause is None:
+        return
     _fallback_warned = True
-    pkg = os.path.dirname(os.path.abspath(__file__))
-    if os.path.exists(os.path.join(os.path.dirname(pkg), "csrc", "fastmux.h")):
-        cause = (f"fastmux is imported from the source tree {pkg}, where the C core "
-                 "was never built (an installed fastmux, if any, is shadowed by it); "
-                 "build it in place with `python setup.py build_ext --inplace`, "
-                 "install with `pip install -e .`, or run from another directory")
-    else:
-        cause = (f"the fastmux installed at {pkg} has no working C core (installed "
-                 "with FASTMUX_PURE=1, or its C build failed); reinstall it on Linux "
-                 "with a C compiler")
     warnings.warn(
         "fastmux: the compiled epoll core (fastmux._core) does not import, so "
         f"Loop() uses the slower pure-Python select backend: {cause}. "
         "To choose the select backend on purpose, set FASTMUX_BACKEND=select "
         "(or FASTMUX_PURE=1).", RuntimeWarning, stacklevel=stacklevel)
+
+
+def _fallback_cause(pkg: str) -> str | None:
+    """Why the package at `pkg` has no C core, or None if that was chosen."""
+    if os.path.exists(os.path.join(os.path.dirname(pkg), "csrc", "fastmux.h")):
+        return (f"fastmux is imported from the source tree {pkg}, where the C core "
+                "was never built (an installed fastmux, if any, is shadowed by it); "
+                "build it in place with `python setup.py build_ext --inplace`, "
+                "install with `pip install -e .`, or run from another directory")
+    if any(name.startswith("_core.") for name in os.listdir(pkg)):
+        return (f"the fastmux installed at {pkg} has a C core that does not load; "
+                "reinstall it on Linux with a C compiler")
+    # Installed without the core (FASTMUX_PURE=1, or a C build that failed
+    # and said so at install): pure Python was chosen there.
+    return None

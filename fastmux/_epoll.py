@@ -105,7 +105,9 @@ class EpollBackend:
                 lib.fm_wakeup(self._loop)
 
     def set_timer(self, deadline: float | None) -> None:
-        lib.fm_set_timer(self._loop, -1 if deadline is None else int(deadline * 1e9))
+        # int64 nanoseconds: a deadline past ~292 years is "never".
+        ns = -1 if deadline is None or deadline >= 9e9 else int(deadline * 1e9)
+        lib.fm_set_timer(self._loop, ns)
 
     def fileno(self) -> int:
         return int(lib.fm_loop_fd(self._loop))

@@ -275,6 +275,25 @@ def no_core(monkeypatch):
         pytest.skip("the fallback warning is about Linux, where epoll is expected")
     monkeypatch.delenv("FASTMUX_PURE", raising=False)
     monkeypatch.delenv("FASTMUX_BACKEND", raising=False)
+    if _backend._fallback_cause(os.path.dirname(_backend.__file__)) is None:
+        pytest.skip("an installed pure-Python fastmux: select was chosen at install")
+
+
+def test_fallback_cause(tmp_path):
+    """Source tree: warn; installed with a core that does not load: warn;
+    installed without a core (FASTMUX_PURE=1): chosen, no warning."""
+    src = tmp_path / "src"
+    (src / "csrc").mkdir(parents=True)
+    (src / "csrc" / "fastmux.h").write_text("")
+    (src / "fastmux").mkdir()
+    assert "source tree" in _backend._fallback_cause(str(src / "fastmux"))
+    broken = tmp_path / "site" / "fastmux"
+    broken.mkdir(parents=True)
+    (broken / "_core.abi3.so").write_bytes(b"")
+    assert "does not load" in _backend._fallback_cause(str(broken))
+    pure = tmp_path / "site2" / "fastmux"
+    pure.mkdir(parents=True)
+    assert _backend._fallback_cause(str(pure)) is None
 
 
 def test_missing_core_warns_once(no_core):
