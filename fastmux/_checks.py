@@ -30,6 +30,7 @@ import socket
 from typing import Any, Dict
 
 from ._backend import resolve_backend
+from ._sockets import is_unix_path
 
 #: Bounds a count or a byte size the core keeps in 64 bits, with room for
 #: the loop's own arithmetic on it (the default high watermark is 4 * low).
@@ -93,13 +94,6 @@ def check_bytes(value: Any, name: str) -> bytes:
     except TypeError:
         raise TypeError(f"{name} must be bytes-like (bytes, bytearray, memoryview), "
                         f"got {type(value).__name__} {value!r:.40}") from None
-
-
-def is_unix_path(address: Any) -> bool:
-    """True if `address` names a Unix socket (see the module docstring)."""
-    if isinstance(address, (bytes, os.PathLike)):
-        return True
-    return isinstance(address, str) and ("/" in address or address.startswith("\0"))
 
 
 def check_address(address: Any) -> None:

@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import threading
 import time
 import warnings
@@ -50,10 +49,16 @@ from ._constants import (
 )
 from ._errors import ConnectionClosed, IdleTimeout, MessageTooLarge, WriteBufferFull
 from ._framing import Framing, Raw
+from ._sockets import (
+    Address,
+    bound_socket,
+    connecting_socket,
+    unix_inode,
+    unlink_socket_path,
+)
 
 logger = logging.getLogger("fastmux")
 
-Address = Union[Tuple[Any, ...], str]
 HandlerFactory = Callable[[], "Handler"]
 
 _DEFAULT_FRAMING = Raw()
@@ -154,7 +159,7 @@ class Server:
         self._factory = factory
         self.framing = framing
         self._unix_path = unix_path
-        self._unix_ino = os.stat(unix_path).st_ino if unix_path else None
+        self._unix_ino = unix_inode(unix_path)
         self.address: Address = sock.getsockname()
         self.closed = False
 
@@ -979,7 +984,7 @@ class Loop:
         if sock is None:
             if address is None:
                 raise ValueError("listen() needs an address or sock=")
-            sock, unix_path = _bound_socket(address, reuse_port)
+            sock, unix_path = bound_socket(address, reuse_port)
             try:
                 sock.listen(backlog)
             except BaseException:
@@ -1031,14 +1036,7 @@ class Loop:
         err = 0
         if sock is None:
             assert address is not None
-            family, addr = _resolve(address, passive=False)
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setblocking(False)
-                err = sock.connect_ex(addr)
-            except BaseException:
-                sock.close()
-                raise
+            sock, err = connecting_socket(address)
         else:
             sock.setblocking(False)
         if err not in (0, _errno.EINPROGRESS, _errno.EAGAIN):
@@ -1197,59 +1195,8 @@ class Loop:
         return f"<fastmux.Loop backend={self.backend} {state}>"
 
 
-def unlink_socket_path(path: str, ino: Optional[int]) -> None:
-    """Remove the Unix socket file at `path` if it is still the one we bound
-    (same inode): another process may have bound the path since."""
-    try:
-        if os.stat(path).st_ino == ino:
-            os.unlink(path)
-    except OSError:
-        pass
-
-
 def _noop_signal_handler(signum: int, frame: Any) -> None:
     """Python-level handler; the real work happens via the wakeup fd."""
-
-
-def _resolve(address: Address, passive: bool) -> Tuple[int, Any]:
-    if isinstance(address, (str, bytes, os.PathLike)):
-        return socket.AF_UNIX, os.fsdecode(address)
-    if not isinstance(address, tuple) or len(address) < 2:
-        raise ValueError(f"address must be (host, port) or a Unix socket path, got {address!r}")
-    host, port = address[0], address[1]
-    flags = socket.AI_PASSIVE if passive else 0
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=flags)
-    if not infos:
-        raise OSError(f"getaddrinfo returned nothing for {address!r}")
-    family, _, _, _, sockaddr = infos[0]
-    return family, sockaddr
-
-
-def _bound_socket(address: Address, reuse_port: bool) -> Tuple[socket.socket, Optional[str]]:
-    family, addr = _resolve(address, passive=True)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        unix_path = None
-        if family == socket.AF_UNIX:
-            unix_path = addr
-            try:
-                if stat.S_ISSOCK(os.stat(addr).st_mode):
-                    os.unlink(addr)  # a stale socket from an earlier run
-            except FileNotFoundError:
-                pass
-        else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        if reuse_port:
-            if not hasattr(socket, "SO_REUSEPORT"):
-                raise ValueError("reuse_port is not supported on this platform")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(addr)
-    except BaseException:
-        sock.close()
-        raise
-    return sock, unix_path
 
 
 def _check_signum(signum: Any) -> None:

@@ -59,15 +59,8 @@ from typing import Any, Dict, List, Optional
 
 from ._checks import check_pool_args
 from ._framing import Framing
-from ._loop import (
-    Address,
-    Connection,
-    Handler,
-    HandlerFactory,
-    Loop,
-    _bound_socket,
-    unlink_socket_path,
-)
+from ._loop import Connection, Handler, HandlerFactory, Loop
+from ._sockets import Address, bound_socket, unix_inode, unlink_socket_path
 
 __all__ = ["WorkerPool", "serve"]
 
@@ -319,18 +312,18 @@ class WorkerPool:
     def _start_processes(self) -> None:
         address = self._requested_address
         if isinstance(address, (str, bytes, os.PathLike)):
-            sock, unix_path = _bound_socket(address, reuse_port=False)
+            sock, unix_path = bound_socket(address, reuse_port=False)
             try:
                 sock.listen(int(self._listen_options.get("backlog", 1024)))
             except BaseException:
                 sock.close()
                 raise
             self._unix_path = unix_path
-            self._unix_ino = os.stat(unix_path).st_ino if unix_path else None
+            self._unix_ino = unix_inode(unix_path)
         else:
             # Bound, never listening: it holds the port (port 0 -> a real
             # one) and takes no connections; the workers' listeners do.
-            sock, _ = _bound_socket(address, reuse_port=True)
+            sock, _ = bound_socket(address, reuse_port=True)
         self._sock = sock
         name = sock.getsockname()
         self._address = name if self._unix_path is not None else tuple(name)
