@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import threading
@@ -451,8 +452,10 @@ def test_worker_exits_and_restarts_are_logged(backend, pools, tmp_path):
 
 
 def test_unix_busy_worker_leaves_connections_to_the_others(backend, pools, tmp_path):
-    """A worker stuck in a handler takes no connections from the shared
-    Unix listener: the other worker serves every new one at once."""
+    """A worker stuck in a handler keeps no connection: whatever the
+    supervisor handed it before it could tell is taken back (after
+    _workers._STALL) and served by the other worker, which then gets every
+    new one.  Once the stuck worker reads again, it gets its turn again."""
     gate = socket.socket(socket.AF_UNIX)
     gate.settimeout(DEADLINE)
     gate.bind(str(tmp_path / "gate.sock"))
@@ -478,7 +481,186 @@ def test_unix_busy_worker_leaves_connections_to_the_others(backend, pools, tmp_p
             holder.close()
         (busy,) = set(pool.pids) - served
         assert int(ask(held, b"")) == busy
+        deadline = time.monotonic() + DEADLINE
+        while busy not in served and time.monotonic() < deadline:
+            socks.append(client(path))
+            served.add(int(ask(socks[-1])))
+        assert busy in served
     finally:
+        held.close()
+        gate.close()
+        for s in socks:
+            s.close()
+
+
+def shares(served: list[int], pids: list[int]) -> dict[int, int]:
+    """How many of `served` each of `pids` took (0 for a worker that took none)."""
+    assert set(served) <= set(pids), (served, pids)
+    return {pid: served.count(pid) for pid in pids}
+
+
+def sockets_of(pid: int) -> dict[str, str]:
+    """fd -> socket inode, for the sockets process `pid` has open."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed while we looked
+        if target.startswith("socket:"):
+            out[fd] = target
+    return out
+
+
+@pytest.mark.parametrize("burst", [False, True], ids=["one-at-a-time", "burst"])
+def test_unix_connections_spread_over_workers(backend, pools, tmp_path, burst):
+    """Connections to a Unix path are spread over every worker, whether they
+    arrive one at a time or as a burst queued before any is served: the
+    supervisor accepts them and hands them to the workers in turn."""
+    path = str(tmp_path / "pool.sock")
+    pool = pools(path, PidReply, framing=fastmux.Lines(), workers=4, backend=backend)
+    n = 40
+    socks: list[socket.socket] = []
+    try:
+        if burst:
+            socks = [client(path) for _ in range(n)]
+            served = [int(ask(s)) for s in socks]
+        else:
+            served = []
+            for _ in range(n):
+                socks.append(client(path))
+                served.append(int(ask(socks[-1])))
+    finally:
+        for s in socks:
+            s.close()
+    share = shares(served, pool.pids)
+    assert min(share.values()) >= n // 4 // 2, share
+
+
+def test_unix_spread_goes_on_after_a_worker_is_replaced(backend, pools, tmp_path):
+    path = str(tmp_path / "pool.sock")
+    pool = pools(path, PidReply, framing=fastmux.Lines(), workers=4, backend=backend)
+    victim, replacement = kill_and_await_replacement(pool)
+    socks: list[socket.socket] = []
+    try:
+        # The replacement is handed connections once it is ready.
+        seen: set[int] = set()
+        deadline = time.monotonic() + DEADLINE
+        while replacement not in seen and time.monotonic() < deadline:
+            socks.append(client(path))
+            seen.add(int(ask(socks[-1])))
+        assert replacement in seen and victim not in seen
+        n = 40
+        served = []
+        for _ in range(n):
+            socks.append(client(path))
+            served.append(int(ask(socks[-1])))
+    finally:
+        for s in socks:
+            s.close()
+    share = shares(served, pool.pids)
+    assert min(share.values()) >= n // 4 // 2, share
+
+
+def test_unix_pool_leaks_no_fds(backend, pools, tmp_path):
+    """The sockets the supervisor accepts and the workers adopt are closed
+    when their connections end: after a few hundred connections every
+    process of the pool is back at the sockets it started with.  (Sockets
+    only: the supervisor makes its select loop's epoll fd just after
+    start() returns.)"""
+    path = str(tmp_path / "pool.sock")
+    pool = pools(path, PidReply, framing=fastmux.Lines(), workers=2, backend=backend)
+    pids = pool.pids
+    (supervisor,) = {parent_of(pid) for pid in pids}
+
+    def one_round(count: int) -> None:
+        socks = [client(path) for _ in range(count)]
+        try:
+            for s in socks:
+                int(ask(s))
+        finally:
+            for s in socks:
+                s.close()
+
+    baseline = {p: sockets_of(p) for p in [supervisor, *pids]}
+    for _ in range(5):
+        one_round(40)
+    # The workers close their ends once they see each client's EOF.
+    try:
+        wait_for(lambda: all(sockets_of(p) == fds for p, fds in baseline.items()),
+                 what="the pool's sockets back to where they started")
+    except AssertionError:
+        extra = {p: set(sockets_of(p).items()) ^ set(fds.items()) for p, fds in baseline.items()}
+        raise AssertionError(f"sockets that differ (supervisor {supervisor}): {extra}") from None
+
+
+def test_unix_pool_applies_listen_options(backend, pools, tmp_path):
+    """max_connections and idle_timeout hold for the connections a worker
+    adopts from the supervisor as for those a listener accepts: beyond the
+    limit a connection is closed at once, and a silent one is closed."""
+    path = str(tmp_path / "pool.sock")
+    pool = pools(path, PidReply, framing=fastmux.Lines(), workers=2, backend=backend,
+                 max_connections=1, idle_timeout=0.5)
+    socks = [client(path, timeout=DEADLINE) for _ in range(2)]
+    try:
+        # In turn: one connection each, so each worker is at its limit.
+        assert {int(ask(s)) for s in socks} == set(pool.pids)
+        refused = client(path, timeout=DEADLINE)
+        socks.append(refused)
+        try:
+            assert ask(refused) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        for s in socks[:2]:  # idle_timeout closes the two that were served
+            assert s.recv(100) == b""
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_unix_connections_waiting_for_a_killed_worker_go_to_another(
+        backend, pools, tmp_path, monkeypatch):
+    """Connections handed to a worker that dies before it reads them are
+    taken back by the supervisor and served by another worker; only the
+    ones the dead worker had adopted die with it."""
+    # Inherited by the forked supervisor: no stuck-worker check interferes,
+    # only the death can free what waits for the stuck worker.
+    monkeypatch.setattr(fastmux._workers, "_STALL", 3600.0)
+    gate = socket.socket(socket.AF_UNIX)
+    gate.settimeout(DEADLINE)
+    gate.bind(str(tmp_path / "gate.sock"))
+    gate.listen(1)
+    HoldAtGate.gate = str(tmp_path / "gate.sock")
+    path = str(tmp_path / "pool.sock")
+    pool = pools(path, HoldAtGate, framing=fastmux.Lines(), workers=2, backend=backend)
+    (supervisor,) = {parent_of(pid) for pid in pool.pids}
+    held = client(path, timeout=DEADLINE)
+    socks = []
+    holder = None
+    try:
+        held.sendall(b"hold\n")
+        holder, _ = gate.accept()  # one worker sits in its handler, the held one adopted
+        baseline = sockets_of(supervisor)
+        socks = [client(path, timeout=DEADLINE) for _ in range(10)]
+        for s in socks:
+            s.sendall(b"pid\n")
+        # Every one handed off (the supervisor holds none), some of them in
+        # turn to the stuck worker, which cannot read them.
+        wait_for(lambda: sockets_of(supervisor) == baseline, what="every connection handed off")
+        ready, _, _ = select.select(socks, [], [], DEADLINE)
+        assert ready, "no connection answered"
+        first = int(ask(ready[0], b""))
+        (stuck,) = set(pool.pids) - {first}
+        os.kill(stuck, signal.SIGKILL)
+        others = [s for s in socks if s is not ready[0]]
+        assert {int(ask(s, b"")) for s in others} == {first}
+        try:
+            assert ask(held, b"") == b""  # adopted by the dead worker: gone
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+    finally:
+        if holder is not None:
+            holder.close()
         held.close()
         gate.close()
         for s in socks:
