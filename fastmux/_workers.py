@@ -30,7 +30,8 @@ forks the workers and restarts those that die.  Each worker makes its own Loop
   and is handed nothing more until it reads again (a probe byte tells); a
   worker that dies loses only the connections it had already read and not
   yet adopted (the kernel closes those), and its replacement gets a fresh
-  socketpair.
+  socketpair.  (A worker out of fds when it reads loses that message's
+  connections the same way: the kernel closes the fds it cannot install.)
 
 Why a supervisor process and not a supervisor thread: a process that forks
 while it runs more than one thread can deadlock the child (a lock held by
@@ -985,6 +986,8 @@ class _Dispatcher:
             timeout = min(timeout, self.resume_at - now)
         if self.held and now < self.retry_at:
             timeout = min(timeout, self.retry_at - now)
+        elif self.held and any(self._takes(w) for w in workers.values()):
+            timeout = 0.0  # e.g. taken back from a worker that died: hand on now
         for w in workers.values():
             ch = w.chan
             if ch is None:

@@ -667,6 +667,58 @@ def test_unix_connections_waiting_for_a_killed_worker_go_to_another(
             s.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time process `pid` has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not hasattr(__import__("resource"), "prlimit"), reason="needs prlimit")
+def test_unix_supervisor_out_of_fds_backs_off(backend, pools, tmp_path):
+    """A supervisor that cannot accept (EMFILE) pauses accepting instead of
+    spinning on a listener that stays readable, and serves the waiting
+    client once it has fds again."""
+    import resource
+    path = str(tmp_path / "pool.sock")
+    pool = pools(path, PidReply, framing=fastmux.Lines(), workers=2, backend=backend)
+    (supervisor,) = {parent_of(pid) for pid in pool.pids}
+    sockets = sockets_of(supervisor)
+    first = client(path)
+    try:
+        int(ask(first))  # the supervisor is in its loop (its epoll fd made)
+    finally:
+        first.close()
+    # ... and has closed its copy of that connection: no hole below the limit.
+    wait_for(lambda: sockets_of(supervisor) == sockets, what="the supervisor's sockets")
+    old = resource.prlimit(supervisor, resource.RLIMIT_NOFILE)
+    used = {int(fd) for fd in os.listdir(f"/proc/{supervisor}/fd")}
+    lowest_free = min(set(range(len(used) + 1)) - used)
+    s = None
+    try:
+        try:
+            resource.prlimit(supervisor, resource.RLIMIT_NOFILE, (lowest_free, old[1]))
+            s = client(path, timeout=DEADLINE)
+            s.sendall(b"pid\n")
+            t0, cpu0 = time.monotonic(), cpu_seconds(supervisor)
+            # Nothing to wait for but time: the supervisor must stay (nearly) idle.
+            ready, _, _ = select.select([s], [], [], 1.0)
+            assert not ready, f"answered {s.recv(100)!r} with no fd to accept with"
+            busy = (cpu_seconds(supervisor) - cpu0) / (time.monotonic() - t0)
+            assert busy < 0.2, f"the supervisor spins: {busy:.0%} of a CPU"
+        finally:
+            resource.prlimit(supervisor, resource.RLIMIT_NOFILE, old)
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(100)
+            assert chunk, "the waiting client was dropped"
+            buf += chunk
+        assert int(buf) in pool.pids
+    finally:
+        if s is not None:
+            s.close()
+
+
 SERVE_SCRIPT = """
 import os, sys
 import fastmux
