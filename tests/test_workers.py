@@ -719,6 +719,100 @@ def test_unix_supervisor_out_of_fds_backs_off(backend, pools, tmp_path):
             s.close()
 
 
+def test_unix_hand_off_skips_full_workers_and_keeps_what_none_can_take(tmp_path):
+    """The supervisor's dispatcher, in-process (no worker processes): a
+    worker whose hand-off socket would block is skipped; when every one
+    would, the accepted connections are kept, not dropped, and handed on
+    once a socket has room (its selector waits for that)."""
+    import selectors
+
+    from fastmux._workers import _Channel, _Dispatcher, _Worker
+
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "d.sock"))
+    listener.listen(16)
+    disp = _Dispatcher(listener, 2)
+    lifelines = [socket.socketpair() for _ in range(2)]
+    workers = {slot: _Worker(1_000_000 + slot, slot, lifelines[slot][0], _Channel())
+               for slot in range(2)}
+    for w in workers.values():
+        w.ready = True
+    sel = selectors.DefaultSelector()
+    clients: list[socket.socket] = []
+    received: list[socket.socket] = []
+
+    def fill(w: _Worker) -> int:
+        """Fill w's hand-off socket with fd-less probes until it would block."""
+        n = 0
+        try:
+            while True:
+                w.chan.send.send(b"p")
+                n += 1
+        except BlockingIOError:
+            return n
+
+    def connect(n: int) -> None:
+        for _ in range(n):
+            clients.append(client(str(tmp_path / "d.sock")))
+        disp.readable = True
+        disp.run(workers, time.monotonic())
+
+    def take(w: _Worker) -> tuple[int, int]:
+        """Read what waits for w, as the worker would: (probes, connections)."""
+        probes = 0
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(w.chan.peer, 1, 64)
+            except BlockingIOError:
+                break
+            probes += not fds
+            received.extend(socket.socket(fileno=fd) for fd in fds)
+        return probes, len(received)
+
+    try:
+        full = workers[0]
+        probes = fill(full)
+        connect(3)  # worker 0's turn, but its socket is full: all go to worker 1
+        assert full.chan.full and not disp.held
+        assert take(workers[1]) == (0, 3)
+        fill(workers[1])
+        connect(2)  # every socket full: kept
+        assert len(disp.held) == 2
+        for c in clients:
+            c.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                c.recv(1)  # open, not dropped
+        # The supervisor now waits for room on the full sockets.
+        disp.interest(sel, workers, time.monotonic(), 0.2)
+        assert {key.fileobj for key in sel.get_map().values()
+                if key.events == selectors.EVENT_WRITE} == {w.chan.send for w in workers.values()}
+        assert take(full) == (probes, 3)  # worker 0 reads: its socket has room
+        events = sel.select(DEADLINE)
+        assert full.chan.send in {key.fileobj for key, _ in events}
+        full.chan.full = False  # what WorkerPool._supervise does on that event
+        disp.run(workers, time.monotonic())
+        assert not disp.held
+        assert take(full) == (0, 5)
+        # The five connections the workers got are the clients' own.
+        assert len(received) == len(clients)
+        for i, r in enumerate(received):
+            r.sendall(b"%d" % i)
+        for i, c in enumerate(clients):
+            c.setblocking(True)
+            c.settimeout(DEADLINE)
+            assert c.recv(10) == b"%d" % i
+    finally:
+        sel.close()
+        disp.close()
+        for w in workers.values():
+            w.chan.close()
+        for a, b in lifelines:
+            a.close()
+            b.close()
+        for c in clients + received:
+            c.close()
+
+
 SERVE_SCRIPT = """
 import os, sys
 import fastmux
