@@ -9,15 +9,29 @@ forks the workers and restarts those that die.  Each worker makes its own Loop
   and the kernel spreads new connections over the workers.  The supervisor's
   own socket is bound but never listens, so it takes no connections; it only
   holds the port while workers come and go.
-* Unix socket paths: the supervisor binds and listens once; the workers
-  accept on that inherited listener (``loop.listen(None, ..., sock=...)``).
-  Linux has no ``SO_REUSEPORT`` for Unix sockets, so the kernel cannot spread
-  connections at arrival: every waiting worker is woken and the first to
-  call accept() takes what is queued.  A busy worker takes nothing, but a
-  burst queued before the workers wake mostly goes to one of them.  (Not
-  ``EPOLLEXCLUSIVE``: measured here, it wakes the first waiting worker in
-  registration order, and connections arriving one at a time then all went
-  to one worker.)  For an even spread over many workers, prefer TCP.
+* Unix socket paths: Linux has no ``SO_REUSEPORT`` for Unix sockets, and
+  workers sharing one listener spread nothing (all are woken, the first to
+  call accept() takes what is queued: a burst mostly goes to one of them;
+  ``EPOLLEXCLUSIVE`` wakes the first waiter in registration order, so
+  connections arriving one at a time all went to one).  So the supervisor
+  alone accepts, and hands the connections to the workers in turn.  Each
+  worker has a hand-off socketpair; a message is one byte carrying up to
+  ``_BATCH`` accepted fds (SCM_RIGHTS), and the worker adopts each as a
+  server connection (``loop.connect(None, ..., sock=...)`` with the pool's
+  framing and listen options; ``max_connections`` counts the connections it
+  adopted).  The supervisor accepts until EAGAIN whenever the listener is
+  readable, never blocks (a worker whose socket would block is skipped;
+  when all would, it keeps the connections, at most ``_MAX_HELD``, and stops
+  accepting until one has room), and pauses accepting for
+  ``EMFILE_BACKOFF_MS`` when out of fds or memory.  It keeps a copy of each
+  worker's end, so it can see what the worker has not read yet (FIONREAD)
+  and take it back: a worker that reads nothing for ``_STALL`` seconds
+  (stuck in a handler, say) loses what waits for it to the other workers
+  and is handed nothing more until it reads again (a probe byte tells); a
+  worker that dies loses only the connections it had already read and not
+  yet adopted (the kernel closes those), and its replacement gets a fresh
+  socketpair.  (A worker out of fds when it reads loses that message's
+  connections the same way: the kernel closes the fds it cannot install.)
 
 Why a supervisor process and not a supervisor thread: a process that forks
 while it runs more than one thread can deadlock the child (a lock held by
@@ -47,17 +61,23 @@ supervisor stops when the control link closes.
 
 from __future__ import annotations
 
+import array
+import collections
+import errno
+import fcntl
 import logging
 import os
 import selectors
 import signal
 import socket
 import sys
+import termios
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from ._checks import check_pool_args
+from ._constants import EMFILE_BACKOFF_MS, WATCH_READ
 from ._framing import Framing
 from ._loop import Connection, Handler, HandlerFactory, Loop
 from ._sockets import Address, bound_socket, unix_inode, unlink_socket_path
@@ -79,6 +99,35 @@ _ERROR = b"E"
 #: deadline (shutdown_timeout + 2 s to kill stuck workers) before killing it.
 _SUPERVISOR_GRACE = 5.0
 
+#: Most connections handed to a worker in one message (Linux's own limit,
+#: SCM_MAX_FD, is 253); the worker asks for this many fds per message.
+_BATCH = 64
+
+#: Most accepted connections a Unix pool's supervisor holds while no worker
+#: can take them; beyond it, it stops accepting and the backlog queues.
+_MAX_HELD = 256
+
+#: Seconds a worker may leave a handed-off connection unread before the
+#: supervisor takes it back and hands it to another worker.
+_STALL = 0.5
+
+#: Seconds before a hand-off that failed for want of kernel resources
+#: (ETOOMANYREFS, ENOBUFS; no writability event will say when) is retried.
+_RETRY = 0.05
+
+#: Hand-off messages a worker reads per wake-up (the watch is level-triggered:
+#: what is left wakes it again after the other connections had their turn).
+_ADOPT_BUDGET = 64
+
+#: accept() errors that concern only the connection being accepted.
+_ACCEPT_SKIP = frozenset((errno.ECONNABORTED, errno.EPROTO))
+
+_MSG_NOSIGNAL: int = getattr(socket, "MSG_NOSIGNAL", 0)
+_MSG_CMSG_CLOEXEC: int = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+
+#: What ``listen_options`` may hold (the rest of Loop.listen's keywords).
+_LISTEN_OPTIONS = ("backlog", "max_connections", "idle_timeout", "max_write_buffer")
+
 logger = logging.getLogger("fastmux")
 
 
@@ -89,15 +138,50 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class _Channel:
+    """A Unix pool's hand-off socketpair to one worker, held by the
+    supervisor: `send` is its end; `peer` is its copy of the worker's end,
+    to count what the worker has not read (FIONREAD: one byte a message)
+    and to take that back from a worker that is stuck or dead."""
+
+    __slots__ = ("send", "peer", "sent", "taken", "consumed", "since", "stalled", "full")
+
+    def __init__(self) -> None:
+        self.send, self.peer = socket.socketpair()
+        self.send.setblocking(False)
+        self.peer.setblocking(False)
+        self.sent = 0  # messages sent
+        self.taken = 0  # messages taken back
+        self.consumed = 0  # messages the worker had read when last checked
+        # When the worker last showed progress while something waited for
+        # it; None while nothing does.
+        self.since: Optional[float] = None
+        self.stalled = False  # stuck: hand it nothing until it reads again
+        self.full = False  # the last send would have blocked
+
+    def queued(self) -> int:
+        """Messages waiting for the worker."""
+        n = array.array("i", [0])
+        fcntl.ioctl(self.peer.fileno(), termios.FIONREAD, n, True)
+        return n[0]
+
+    def close(self) -> None:
+        self.send.close()
+        self.peer.close()
+
+
 class _Worker:
     """The supervisor's record of one worker process."""
 
-    __slots__ = ("pid", "slot", "sock", "ready", "error", "started", "exited", "status")
+    __slots__ = ("pid", "slot", "sock", "chan", "ready", "error", "started", "exited",
+                 "status")
 
-    def __init__(self, pid: int, slot: int, sock: socket.socket) -> None:
+    def __init__(self, pid: int, slot: int, sock: socket.socket,
+                 chan: Optional[_Channel]) -> None:
         self.pid = pid
         self.slot = slot
         self.sock = sock  # the supervisor's end of the lifeline
+        self.chan = chan  # the hand-off socketpair (Unix paths)
         self.ready = False
         self.error = b""
         self.started = time.monotonic()
@@ -174,6 +258,7 @@ class WorkerPool:
         self._up: Optional[socket.socket] = None
         self._unsent = b""
         self._pending: Optional[bytes] = None
+        self._dispatch: Optional[_Dispatcher] = None  # Unix paths: accepts, hands off
 
     # -- public --------------------------------------------------------------
 
@@ -553,17 +638,22 @@ class WorkerPool:
 
     def _spawn(self, slot: int) -> None:
         parent_end, child_end = socket.socketpair()
+        chan: Optional[_Channel] = None
         try:
+            if self._unix_path is not None:
+                chan = _Channel()
             pid = os.fork()
         except BaseException:
             parent_end.close()
             child_end.close()
+            if chan is not None:
+                chan.close()
             raise
         if pid == 0:  # the worker; never returns
             code = 1
             try:
                 parent_end.close()
-                code = self._worker_main(child_end)
+                code = self._worker_main(child_end, chan)
             except BaseException:
                 try:
                     import traceback
@@ -575,7 +665,7 @@ class WorkerPool:
         child_end.close()
         parent_end.setblocking(False)
         with self._lock:
-            self._children[slot] = _Worker(pid, slot, parent_end)
+            self._children[slot] = _Worker(pid, slot, parent_end, chan)
 
     def _await_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -624,12 +714,20 @@ class WorkerPool:
                 w.ready = True
 
     def _supervise(self) -> None:
-        """The supervisor's loop: restart workers that die, until stopped."""
+        """The supervisor's loop: restart workers that die and, for a Unix
+        path, accept connections and hand them to the workers, until
+        stopped.  It never sleeps in anything but its select: a restart
+        that backs off is a deadline, not a sleep."""
         backoff: Dict[int, float] = {}
+        respawn: Dict[int, Tuple[float, int]] = {}  # slot -> (when, the pid it replaces)
         try:
             sel = selectors.DefaultSelector()
             assert self._wake_r is not None
             sel.register(self._wake_r, selectors.EVENT_READ)
+            disp = None
+            if self._unix_path is not None:
+                assert self._sock is not None
+                disp = self._dispatch = _Dispatcher(self._sock, self.workers)
             try:
                 while not self._stop_requested:
                     with self._lock:
@@ -639,14 +737,27 @@ class WorkerPool:
                             sel.register(w.sock, selectors.EVENT_READ, w)
                         except (KeyError, ValueError):
                             pass
-                    for key, _ in sel.select(0.2):
+                    now = time.monotonic()
+                    timeout = 0.2
+                    if disp is not None:
+                        timeout = disp.interest(sel, live, now, timeout)
+                    for when, _ in respawn.values():
+                        timeout = min(timeout, max(0.0, when - now))
+                    for key, _ in sel.select(timeout):
                         if key.fileobj is self._wake_r:
                             self._drain_wake()
-                        else:
+                        elif key.data is None:  # the listener
+                            assert disp is not None
+                            disp.readable = True
+                        elif key.fileobj is key.data.sock:
                             self._read_lifeline(key.data)
+                        else:  # a full hand-off socket has room again
+                            key.data.chan.full = False
                     self._flush_report()
                     if self._stop_requested:
                         break
+                    if disp is not None:
+                        disp.run(live, time.monotonic())
                     for slot, w in live.items():
                         if not w.exited and not self._reap(w):
                             continue
@@ -658,6 +769,9 @@ class WorkerPool:
                         if not self._reap(w):
                             continue  # closed its lifeline but still exiting
                         w.sock.close()
+                        if w.chan is not None:
+                            assert disp is not None
+                            disp.forget(sel, w.chan)  # what it had not read goes elsewhere
                         lived = time.monotonic() - w.started
                         delay = backoff.get(slot, 0.0)
                         delay = 0.0 if lived > 5.0 else min(max(0.1, delay * 2), 5.0)
@@ -666,15 +780,18 @@ class WorkerPool:
                             "fastmux worker %d (slot %d) exited (%s) after %.1fs; "
                             "restarting it%s", -w.pid, slot, _describe(w.status), lived,
                             f" in {delay:.1f}s" if delay else "")
-                        self._report_pids()
-                        if delay and self._sleep(delay):
-                            break
                         with self._lock:
                             del self._children[slot]
+                        respawn[slot] = (time.monotonic() + delay, -w.pid)
+                        self._report_pids()
+                    for slot, (when, old) in sorted(respawn.items()):
+                        if when > time.monotonic() or self._stop_requested:
+                            continue
+                        del respawn[slot]
                         self._spawn(slot)
                         self._restarts += 1
                         logger.info("fastmux worker %d (slot %d) started, replacing %d",
-                                    self._children[slot].pid, slot, -w.pid)
+                                    self._children[slot].pid, slot, old)
                         self._report_pids()
             finally:
                 sel.close()
@@ -686,20 +803,6 @@ class WorkerPool:
             finally:
                 self._close_supervisor()
                 self._done.set()
-
-    def _sleep(self, delay: float) -> bool:
-        """Sleep up to `delay`; True if a stop was requested meanwhile."""
-        deadline = time.monotonic() + delay
-        sel = selectors.DefaultSelector()
-        try:
-            if self._wake_r is not None:
-                sel.register(self._wake_r, selectors.EVENT_READ)
-            while not self._stop_requested and time.monotonic() < deadline:
-                if sel.select(max(0.0, deadline - time.monotonic())):
-                    self._drain_wake()
-        finally:
-            sel.close()
-        return self._stop_requested
 
     def _reap(self, w: _Worker) -> bool:
         """True if worker `w` has exited (and is reaped)."""
@@ -718,6 +821,10 @@ class WorkerPool:
 
     def _shutdown_children(self) -> None:
         """Close every lifeline (workers drain and exit), wait, then kill."""
+        if self._dispatch is not None:
+            # Stop accepting first: a client now is refused, not left waiting.
+            self._dispatch.close()
+            self._dispatch = None
         with self._lock:
             children = list(self._children.values())
         for w in children:
@@ -746,6 +853,8 @@ class WorkerPool:
             w.exited = True
             w.pid = -abs(w.pid)
         for w in children:
+            if w.chan is not None:
+                w.chan.close()  # the kernel closes what the worker did not read
             logger.info("fastmux worker %d (slot %d) stopped (%s)", abs(w.pid), w.slot,
                         _describe(w.status))
         with self._lock:
@@ -764,15 +873,25 @@ class WorkerPool:
 
     # -- the worker process --------------------------------------------------
 
-    def _worker_main(self, lifeline: socket.socket) -> int:
-        """Runs in a forked child: listen, serve until the supervisor lets
+    def _worker_main(self, lifeline: socket.socket, chan: Optional[_Channel]) -> int:
+        """Runs in a forked child: listen (or, for a Unix path, adopt what
+        the supervisor hands over `chan`), serve until the supervisor lets
         go, drain, exit.  Returns the exit code."""
         # Only the forking thread exists here.  Leave the parent's resources
         # alone except the ones that would keep sockets alive or confuse us.
         self._lock = threading.Lock()  # the parent's may have been held at fork
         for w in list(self._children.values()):
             w.sock.close()
+            if w.chan is not None:
+                w.chan.close()
         self._children = {}
+        if self._dispatch is not None:
+            self._dispatch.close_held()  # the listener is self._sock, below
+            self._dispatch = None
+        handoff = None
+        if chan is not None:
+            chan.send.close()
+            handoff = chan.peer
         for s in (self._wake_r, self._wake_w):
             if s is not None:
                 s.close()
@@ -790,12 +909,14 @@ class WorkerPool:
         except BaseException as e:
             _tell(lifeline, _ERROR + repr(e).encode())
             return 1
+        adopter = None
         try:
             try:
-                if self._unix_path is not None:
+                if handoff is not None:
+                    listener.close()  # the supervisor accepts
                     self._sock = None
-                    loop.listen(None, self._factory, framing=self._framing, sock=listener,
-                                **self._listen_options)
+                    adopter = _Adopter(loop, handoff, self._factory, self._framing,
+                                       self._listen_options)
                 else:
                     listener.close()  # the workers bind their own
                     self._sock = None
@@ -810,10 +931,288 @@ class WorkerPool:
             conn = loop.connect(None, lambda: _Lifeline(loop), sock=lifeline)
             conn.write(_READY)
             loop.run()
+            if adopter is not None:
+                adopter.close()  # adopt nothing more while draining
             loop.shutdown(self.shutdown_timeout)
             return 0
         finally:
+            if adopter is not None:
+                adopter.close()
             loop.close()
+
+
+def _want(sel: selectors.BaseSelector, sock: socket.socket, events: int, data: Any) -> None:
+    """Make `sel` wait for `events` on `sock` (0: not at all)."""
+    try:
+        key = sel.get_key(sock)
+    except KeyError:
+        if events:
+            sel.register(sock, events, data)
+        return
+    if not events:
+        sel.unregister(sock)
+    elif key.events != events:
+        sel.modify(sock, events, data)
+
+
+class _Dispatcher:
+    """The supervisor's side of a Unix pool: accept on the listener and
+    hand each connection to the next worker in turn (see the module
+    docstring).  Driven by ``WorkerPool._supervise``: ``interest`` before
+    its select, ``run`` after it."""
+
+    def __init__(self, listener: socket.socket, slots: int) -> None:
+        listener.setblocking(False)
+        self.listener = listener
+        self.slots = slots
+        self.held: Deque[socket.socket] = collections.deque()  # accepted, not handed off
+        self.next_slot = 0  # where the turn is
+        self.readable = False  # the select saw the listener readable
+        self.resume_at = 0.0  # accepting is paused until then (out of fds/memory)
+        self.retry_at = 0.0  # hand-offs are paused until then (kernel resources)
+
+    def interest(self, sel: selectors.BaseSelector, workers: Dict[int, _Worker],
+                 now: float, timeout: float) -> float:
+        """Register what to wait for; returns `timeout`, shortened to the
+        next deadline (a paused accept, a retry, a stall check)."""
+        accepting = len(self.held) < _MAX_HELD and now >= self.resume_at
+        _want(sel, self.listener, selectors.EVENT_READ if accepting else 0, None)
+        if now < self.resume_at:
+            timeout = min(timeout, self.resume_at - now)
+        if self.held and now < self.retry_at:
+            timeout = min(timeout, self.retry_at - now)
+        elif self.held and any(self._takes(w) for w in workers.values()):
+            timeout = 0.0  # e.g. taken back from a worker that died: hand on now
+        for w in workers.values():
+            ch = w.chan
+            if ch is None:
+                continue
+            if not self.held or w.exited:
+                ch.full = False  # found out again by the next send
+            _want(sel, ch.send, selectors.EVENT_WRITE if ch.full else 0, w)
+            if ch.since is not None and not w.exited:
+                timeout = min(timeout, ch.since + _STALL - now)
+        return max(0.0, timeout)
+
+    def run(self, workers: Dict[int, _Worker], now: float) -> None:
+        self.check(workers, now)
+        self.hand_off(workers, now)
+        if self.readable:
+            self.readable = False
+            self.accept(workers, now)
+
+    def accept(self, workers: Dict[int, _Worker], now: float) -> None:
+        """Accept until EAGAIN (or until `_MAX_HELD` wait), handing off as
+        connections pile up."""
+        while len(self.held) < _MAX_HELD:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if e.errno in _ACCEPT_SKIP:
+                    continue
+                # Out of fds or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): the
+                # listener stays readable, so pause rather than spin.
+                self.resume_at = time.monotonic() + EMFILE_BACKOFF_MS / 1000.0
+                break
+            self.held.append(sock)
+            if len(self.held) >= _BATCH:
+                self.hand_off(workers, now)
+        self.hand_off(workers, now)
+
+    def hand_off(self, workers: Dict[int, _Worker], now: float) -> None:
+        """Share what is held among the workers that can take it, in turn
+        from where the turn is, one message per worker per round."""
+        while self.held and now >= self.retry_at:
+            order = sorted(workers, key=lambda slot: (slot - self.next_slot) % self.slots)
+            ring = [workers[slot] for slot in order if self._takes(workers[slot])]
+            if not ring:
+                return  # kept; retried when a socket has room or a worker reads again
+            share = min(_BATCH, -(-len(self.held) // len(ring)))
+            moved = False
+            for w in ring:
+                if not self.held:
+                    break
+                assert w.chan is not None
+                batch = [self.held.popleft() for _ in range(min(share, len(self.held)))]
+                if self._send(w.chan, b"c", batch):
+                    for sock in batch:
+                        sock.close()  # the worker has its own copy now
+                    moved = True
+                    self.next_slot = (w.slot + 1) % self.slots
+                else:
+                    self.held.extendleft(reversed(batch))
+            if not moved:
+                return
+
+    @staticmethod
+    def _takes(w: _Worker) -> bool:
+        ch = w.chan
+        return (ch is not None and w.ready and not w.exited and w.pid > 0
+                and not ch.full and not ch.stalled)
+
+    def _send(self, ch: _Channel, tag: bytes, batch: List[socket.socket]) -> bool:
+        if ch.since is not None:
+            # If it has read everything, the stall clock starts again with
+            # this message, not with an older one.
+            self._observe(ch, time.monotonic())
+        try:
+            if batch:
+                socket.send_fds(ch.send, [tag], [s.fileno() for s in batch], _MSG_NOSIGNAL)
+            else:
+                ch.send.send(tag, _MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            ch.full = True  # its queue is full: EVENT_WRITE says when it is not
+            return False
+        except OSError:
+            # ETOOMANYREFS (too many fds in flight), ENOBUFS, ENOMEM: nothing
+            # will signal the end of it, so try again a little later.
+            self.retry_at = time.monotonic() + _RETRY
+            return False
+        ch.sent += 1
+        if ch.since is None:
+            ch.since = time.monotonic()
+        return True
+
+    @staticmethod
+    def _observe(ch: _Channel, now: float) -> int:
+        """Look at `ch`'s queue: a worker that has read anything since the
+        last look is not stuck.  Returns how many messages wait."""
+        queued = ch.queued()
+        consumed = ch.sent - ch.taken - queued
+        if consumed != ch.consumed:
+            ch.consumed = consumed
+            ch.stalled = False
+            ch.since = now if queued else None
+        return queued
+
+    def check(self, workers: Dict[int, _Worker], now: float) -> None:
+        """Take back what a stuck worker has left unread for `_STALL`."""
+        for w in workers.values():
+            ch = w.chan
+            if ch is None or ch.since is None or now < ch.since + _STALL or w.exited:
+                continue
+            before = ch.consumed
+            queued = self._observe(ch, now)
+            if ch.consumed != before:
+                continue  # it reads: not stuck
+            if ch.stalled:  # still stuck; its probe waits (or is sent now)
+                if not queued:
+                    self._send(ch, b"p", [])
+                ch.since = now
+            elif not queued:
+                ch.since = None
+            else:
+                n = self.reclaim(ch)
+                ch.stalled = True
+                logger.warning("fastmux worker %d (slot %d) read nothing for %.1fs; "
+                               "%d connection(s) waiting for it go to other workers",
+                               w.pid, w.slot, _STALL, n)
+                self._send(ch, b"p", [])  # when it reads this, it is back
+                ch.consumed = ch.sent - ch.taken - ch.queued()
+                ch.since = now
+
+    def reclaim(self, ch: _Channel) -> int:
+        """Take back every message waiting in `ch`; their connections go to
+        the front of the queue.  Returns how many connections."""
+        got: List[socket.socket] = []
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(ch.peer, 1, _BATCH, _MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            if not data and not fds:
+                break
+            ch.taken += 1
+            got.extend(socket.socket(fileno=fd) for fd in fds)
+        self.held.extendleft(reversed(got))
+        return len(got)
+
+    def forget(self, sel: selectors.BaseSelector, ch: _Channel) -> None:
+        """A worker is gone (reaped): take back what it had not read, close
+        its channel."""
+        _want(sel, ch.send, 0, None)
+        self.reclaim(ch)
+        ch.close()
+
+    def close_held(self) -> None:
+        while self.held:
+            self.held.popleft().close()
+
+    def close(self) -> None:
+        """Stop accepting; close what was not handed off (the peers see EOF)."""
+        self.listener.close()
+        self.close_held()
+
+
+class _Adopter:
+    """A worker's end of its hand-off socket (Unix paths): each connection
+    the supervisor passes becomes a server connection of this loop, with
+    the pool's framing and listen options, as if its own listener had
+    accepted it."""
+
+    def __init__(self, loop: Loop, sock: socket.socket, factory: HandlerFactory,
+                 framing: Optional[Framing], options: Dict[str, Any]) -> None:
+        unknown = sorted(set(options) - set(_LISTEN_OPTIONS))
+        if unknown:
+            raise TypeError(f"unexpected listen option(s): {', '.join(unknown)}")
+        maxc = options.get("max_connections")
+        self._max = None if maxc is None else int(maxc)
+        self._options = {k: options[k] for k in ("idle_timeout", "max_write_buffer")
+                         if k in options}
+        self._loop = loop
+        self._sock = sock
+        self._factory = factory
+        self._framing = framing
+        self._conns: List[Connection] = []  # adopted; kept only for max_connections
+        sock.setblocking(False)
+        self._wid = loop._watch_add(sock.fileno(), WATCH_READ, self._readable)
+
+    def _readable(self, ready: int) -> None:
+        for _ in range(_ADOPT_BUDGET):
+            try:
+                data, fds, _, _ = socket.recv_fds(self._sock, 1, _BATCH, _MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return  # read by the supervisor (taken back) or nothing left
+            except OSError:
+                self.close()
+                return
+            if not data and not fds:  # the supervisor is gone; the lifeline says so too
+                self.close()
+                return
+            for fd in fds:  # none in a probe
+                self._adopt(socket.socket(fileno=fd))
+
+    def _adopt(self, sock: socket.socket) -> None:
+        if self._max is not None and self._at_limit():
+            sock.close()  # as a listener at max_connections: accepted, closed
+            return
+        try:
+            conn = self._loop.connect(None, self._factory, sock=sock, framing=self._framing,
+                                      **self._options)
+        except Exception as exc:
+            sock.close()  # (a no-op if connect() got as far as taking it)
+            self._loop.call_exception_handler({
+                "message": "exception in handler_factory", "exception": exc})
+            return
+        if self._max is not None:
+            self._conns.append(conn)
+
+    def _at_limit(self) -> bool:
+        assert self._max is not None
+        if len(self._conns) >= self._max:
+            self._conns = [c for c in self._conns if not c.closed]
+        return len(self._conns) >= self._max
+
+    def close(self) -> None:
+        """Adopt nothing more; what is still queued is the supervisor's."""
+        if self._wid >= 0:
+            self._loop._watch_remove(self._wid)
+            self._wid = -1
+        self._sock.close()
 
 
 def _describe(status: Optional[int]) -> str:

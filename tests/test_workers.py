@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import threading
@@ -458,8 +459,10 @@ def test_worker_exits_and_restarts_are_logged(backend, pools, tmp_path):
 
 
 def test_unix_busy_worker_leaves_connections_to_the_others(backend, pools, tmp_path):
-    """A worker stuck in a handler takes no connections from the shared
-    Unix listener: the other worker serves every new one at once."""
+    """A worker stuck in a handler keeps no connection: whatever the
+    supervisor handed it before it could tell is taken back (after
+    _workers._STALL) and served by the other worker, which then gets every
+    new one.  Once the stuck worker reads again, it gets its turn again."""
     gate = socket.socket(socket.AF_UNIX)
     gate.settimeout(DEADLINE)
     gate.bind(str(tmp_path / "gate.sock"))
@@ -485,11 +488,336 @@ def test_unix_busy_worker_leaves_connections_to_the_others(backend, pools, tmp_p
             holder.close()
         (busy,) = set(pool.pids) - served
         assert int(ask(held, b"")) == busy
+        deadline = time.monotonic() + DEADLINE
+        while busy not in served and time.monotonic() < deadline:
+            socks.append(client(path))
+            served.add(int(ask(socks[-1])))
+        assert busy in served
     finally:
         held.close()
         gate.close()
         for s in socks:
             s.close()
+
+
+def shares(served: list[int], pids: list[int]) -> dict[int, int]:
+    """How many of `served` each of `pids` took (0 for a worker that took none)."""
+    assert set(served) <= set(pids), (served, pids)
+    return {pid: served.count(pid) for pid in pids}
+
+
+def sockets_of(pid: int) -> dict[str, str]:
+    """fd -> socket inode, for the sockets process `pid` has open."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed while we looked
+        if target.startswith("socket:"):
+            out[fd] = target
+    return out
+
+
+@pytest.mark.parametrize("burst", [False, True], ids=["one-at-a-time", "burst"])
+def test_unix_connections_spread_over_workers(backend, pools, tmp_path, burst):
+    """Connections to a Unix path are spread over every worker, whether they
+    arrive one at a time or as a burst queued before any is served: the
+    supervisor accepts them and hands them to the workers in turn."""
+    path = str(tmp_path / "pool.sock")
+    pool = pools(path, PidReply, framing=fastmux.Lines(), workers=4, backend=backend)
+    n = 40
+    socks: list[socket.socket] = []
+    try:
+        if burst:
+            socks = [client(path) for _ in range(n)]
+            served = [int(ask(s)) for s in socks]
+        else:
+            served = []
+            for _ in range(n):
+                socks.append(client(path))
+                served.append(int(ask(socks[-1])))
+    finally:
+        for s in socks:
+            s.close()
+    share = shares(served, pool.pids)
+    assert min(share.values()) >= n // 4 // 2, share
+
+
+def test_unix_spread_goes_on_after_a_worker_is_replaced(backend, pools, tmp_path):
+    path = str(tmp_path / "pool.sock")
+    pool = pools(path, PidReply, framing=fastmux.Lines(), workers=4, backend=backend)
+    victim, replacement = kill_and_await_replacement(pool)
+    socks: list[socket.socket] = []
+    try:
+        # The replacement is handed connections once it is ready.
+        seen: set[int] = set()
+        deadline = time.monotonic() + DEADLINE
+        while replacement not in seen and time.monotonic() < deadline:
+            socks.append(client(path))
+            seen.add(int(ask(socks[-1])))
+        assert replacement in seen and victim not in seen
+        n = 40
+        served = []
+        for _ in range(n):
+            socks.append(client(path))
+            served.append(int(ask(socks[-1])))
+    finally:
+        for s in socks:
+            s.close()
+    share = shares(served, pool.pids)
+    assert min(share.values()) >= n // 4 // 2, share
+
+
+def test_unix_pool_leaks_no_fds(backend, pools, tmp_path):
+    """The sockets the supervisor accepts and the workers adopt are closed
+    when their connections end: after a few hundred connections every
+    process of the pool is back at the sockets it started with.  (Sockets
+    only: the supervisor makes its select loop's epoll fd just after
+    start() returns.)"""
+    path = str(tmp_path / "pool.sock")
+    pool = pools(path, PidReply, framing=fastmux.Lines(), workers=2, backend=backend)
+    pids = pool.pids
+    (supervisor,) = {parent_of(pid) for pid in pids}
+
+    def one_round(count: int) -> None:
+        socks = [client(path) for _ in range(count)]
+        try:
+            for s in socks:
+                int(ask(s))
+        finally:
+            for s in socks:
+                s.close()
+
+    baseline = {p: sockets_of(p) for p in [supervisor, *pids]}
+    for _ in range(5):
+        one_round(40)
+    # The workers close their ends once they see each client's EOF.
+    try:
+        wait_for(lambda: all(sockets_of(p) == fds for p, fds in baseline.items()),
+                 what="the pool's sockets back to where they started")
+    except AssertionError:
+        extra = {p: set(sockets_of(p).items()) ^ set(fds.items()) for p, fds in baseline.items()}
+        raise AssertionError(f"sockets that differ (supervisor {supervisor}): {extra}") from None
+
+
+def test_unix_pool_applies_listen_options(backend, pools, tmp_path):
+    """max_connections and idle_timeout hold for the connections a worker
+    adopts from the supervisor as for those a listener accepts: beyond the
+    limit a connection is closed at once, and a silent one is closed."""
+    path = str(tmp_path / "pool.sock")
+    pool = pools(path, PidReply, framing=fastmux.Lines(), workers=2, backend=backend,
+                 max_connections=1, idle_timeout=0.5)
+    socks = [client(path, timeout=DEADLINE) for _ in range(2)]
+    try:
+        # In turn: one connection each, so each worker is at its limit.
+        assert {int(ask(s)) for s in socks} == set(pool.pids)
+        refused = client(path, timeout=DEADLINE)
+        socks.append(refused)
+        try:
+            assert ask(refused) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        for s in socks[:2]:  # idle_timeout closes the two that were served
+            assert s.recv(100) == b""
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_unix_connections_waiting_for_a_killed_worker_go_to_another(
+        backend, pools, tmp_path, monkeypatch):
+    """Connections handed to a worker that dies before it reads them are
+    taken back by the supervisor and served by another worker; only the
+    ones the dead worker had adopted die with it."""
+    # Inherited by the forked supervisor: no stuck-worker check interferes,
+    # only the death can free what waits for the stuck worker.
+    monkeypatch.setattr(fastmux._workers, "_STALL", 3600.0)
+    gate = socket.socket(socket.AF_UNIX)
+    gate.settimeout(DEADLINE)
+    gate.bind(str(tmp_path / "gate.sock"))
+    gate.listen(1)
+    HoldAtGate.gate = str(tmp_path / "gate.sock")
+    path = str(tmp_path / "pool.sock")
+    pool = pools(path, HoldAtGate, framing=fastmux.Lines(), workers=2, backend=backend)
+    (supervisor,) = {parent_of(pid) for pid in pool.pids}
+    held = client(path, timeout=DEADLINE)
+    socks = []
+    holder = None
+    try:
+        held.sendall(b"hold\n")
+        holder, _ = gate.accept()  # one worker sits in its handler, the held one adopted
+        baseline = sockets_of(supervisor)
+        socks = [client(path, timeout=DEADLINE) for _ in range(10)]
+        for s in socks:
+            s.sendall(b"pid\n")
+        # Every one handed off (the supervisor holds none), some of them in
+        # turn to the stuck worker, which cannot read them.
+        wait_for(lambda: sockets_of(supervisor) == baseline, what="every connection handed off")
+        ready, _, _ = select.select(socks, [], [], DEADLINE)
+        assert ready, "no connection answered"
+        first = int(ask(ready[0], b""))
+        (stuck,) = set(pool.pids) - {first}
+        os.kill(stuck, signal.SIGKILL)
+        others = [s for s in socks if s is not ready[0]]
+        assert {int(ask(s, b"")) for s in others} == {first}
+        try:
+            assert ask(held, b"") == b""  # adopted by the dead worker: gone
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+    finally:
+        if holder is not None:
+            holder.close()
+        held.close()
+        gate.close()
+        for s in socks:
+            s.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time process `pid` has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not hasattr(__import__("resource"), "prlimit"), reason="needs prlimit")
+def test_unix_supervisor_out_of_fds_backs_off(backend, pools, tmp_path):
+    """A supervisor that cannot accept (EMFILE) pauses accepting instead of
+    spinning on a listener that stays readable, and serves the waiting
+    client once it has fds again."""
+    import resource
+    path = str(tmp_path / "pool.sock")
+    pool = pools(path, PidReply, framing=fastmux.Lines(), workers=2, backend=backend)
+    (supervisor,) = {parent_of(pid) for pid in pool.pids}
+    sockets = sockets_of(supervisor)
+    first = client(path)
+    try:
+        int(ask(first))  # the supervisor is in its loop (its epoll fd made)
+    finally:
+        first.close()
+    # ... and has closed its copy of that connection: no hole below the limit.
+    wait_for(lambda: sockets_of(supervisor) == sockets, what="the supervisor's sockets")
+    old = resource.prlimit(supervisor, resource.RLIMIT_NOFILE)
+    used = {int(fd) for fd in os.listdir(f"/proc/{supervisor}/fd")}
+    lowest_free = min(set(range(len(used) + 1)) - used)
+    s = None
+    try:
+        try:
+            resource.prlimit(supervisor, resource.RLIMIT_NOFILE, (lowest_free, old[1]))
+            s = client(path, timeout=DEADLINE)
+            s.sendall(b"pid\n")
+            t0, cpu0 = time.monotonic(), cpu_seconds(supervisor)
+            # Nothing to wait for but time: the supervisor must stay (nearly) idle.
+            ready, _, _ = select.select([s], [], [], 1.0)
+            assert not ready, f"answered {s.recv(100)!r} with no fd to accept with"
+            busy = (cpu_seconds(supervisor) - cpu0) / (time.monotonic() - t0)
+            assert busy < 0.2, f"the supervisor spins: {busy:.0%} of a CPU"
+        finally:
+            resource.prlimit(supervisor, resource.RLIMIT_NOFILE, old)
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(100)
+            assert chunk, "the waiting client was dropped"
+            buf += chunk
+        assert int(buf) in pool.pids
+    finally:
+        if s is not None:
+            s.close()
+
+
+def test_unix_hand_off_skips_full_workers_and_keeps_what_none_can_take(tmp_path):
+    """The supervisor's dispatcher, in-process (no worker processes): a
+    worker whose hand-off socket would block is skipped; when every one
+    would, the accepted connections are kept, not dropped, and handed on
+    once a socket has room (its selector waits for that)."""
+    import selectors
+
+    from fastmux._workers import _Channel, _Dispatcher, _Worker
+
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "d.sock"))
+    listener.listen(16)
+    disp = _Dispatcher(listener, 2)
+    lifelines = [socket.socketpair() for _ in range(2)]
+    workers = {slot: _Worker(1_000_000 + slot, slot, lifelines[slot][0], _Channel())
+               for slot in range(2)}
+    for w in workers.values():
+        w.ready = True
+    sel = selectors.DefaultSelector()
+    clients: list[socket.socket] = []
+    received: list[socket.socket] = []
+
+    def fill(w: _Worker) -> int:
+        """Fill w's hand-off socket with fd-less probes until it would block."""
+        n = 0
+        try:
+            while True:
+                w.chan.send.send(b"p")
+                n += 1
+        except BlockingIOError:
+            return n
+
+    def connect(n: int) -> None:
+        for _ in range(n):
+            clients.append(client(str(tmp_path / "d.sock")))
+        disp.readable = True
+        disp.run(workers, time.monotonic())
+
+    def take(w: _Worker) -> tuple[int, int]:
+        """Read what waits for w, as the worker would: (probes, connections)."""
+        probes = 0
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(w.chan.peer, 1, 64)
+            except BlockingIOError:
+                break
+            probes += not fds
+            received.extend(socket.socket(fileno=fd) for fd in fds)
+        return probes, len(received)
+
+    try:
+        full = workers[0]
+        probes = fill(full)
+        connect(3)  # worker 0's turn, but its socket is full: all go to worker 1
+        assert full.chan.full and not disp.held
+        assert take(workers[1]) == (0, 3)
+        fill(workers[1])
+        connect(2)  # every socket full: kept
+        assert len(disp.held) == 2
+        for c in clients:
+            c.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                c.recv(1)  # open, not dropped
+        # The supervisor now waits for room on the full sockets.
+        disp.interest(sel, workers, time.monotonic(), 0.2)
+        assert {key.fileobj for key in sel.get_map().values()
+                if key.events == selectors.EVENT_WRITE} == {w.chan.send for w in workers.values()}
+        assert take(full) == (probes, 3)  # worker 0 reads: its socket has room
+        events = sel.select(DEADLINE)
+        assert full.chan.send in {key.fileobj for key, _ in events}
+        full.chan.full = False  # what WorkerPool._supervise does on that event
+        disp.run(workers, time.monotonic())
+        assert not disp.held
+        assert take(full) == (0, 5)
+        # The five connections the workers got are the clients' own.
+        assert len(received) == len(clients)
+        for i, r in enumerate(received):
+            r.sendall(b"%d" % i)
+        for i, c in enumerate(clients):
+            c.setblocking(True)
+            c.settimeout(DEADLINE)
+            assert c.recv(10) == b"%d" % i
+    finally:
+        sel.close()
+        disp.close()
+        for w in workers.values():
+            w.chan.close()
+        for a, b in lifelines:
+            a.close()
+            b.close()
+        for c in clients + received:
+            c.close()
 
 
 SERVE_SCRIPT = """
