@@ -156,8 +156,9 @@ class ServerProcess:
                 line += chunk
         m = re.match(rb"READY (\d+)", line)
         if m is None:
+            err = self.stderr()  # before stop() closes it
             self.stop()
-            raise RuntimeError(f"server {self.name} did not start: {self.stderr()!r}")
+            raise RuntimeError(f"server {self.name} did not start: {err!r}")
         return int(m.group(1))
 
     def cpu_ns(self) -> int:
