@@ -234,3 +234,19 @@ def test_check_targets_uses_per_round_ratios():
     assert t["value"] == pytest.approx(1.25) and t["met"] is False and t["issue"] == "#10"
     # Targets on servers this run did not measure are left out.
     assert not any("fastmux-epoll" in name for name in got)
+
+
+def test_plan_skips_missing_packages_and_http_only_servers(monkeypatch):
+    import argparse
+
+    from fastmux.bench import cli
+
+    monkeypatch.setitem(sys.modules, "rloop", None)  # find_spec: not installed
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: None)
+    opts = argparse.Namespace(servers=["rloop", "uvicorn-asyncio", "c-et"],
+                              scenarios=["echo64"], strace=False, strace_tool="strace")
+    plan = cli._plan(opts)
+    assert plan.servers == ["c-et"]
+    assert any("rloop not installed" in n for n in plan.notes), plan.notes
+    # Skipped as HTTP-only (or, without the bench extra, as not installed).
+    assert any("uvicorn-asyncio" in n and "skipped" in n for n in plan.notes), plan.notes
