@@ -8,7 +8,8 @@
  *
  * Verification: in LG_RAW every payload starts with an 8-byte key
  * (connection << 40 | sequence) followed by a pattern that depends on the
- * key, and the echo must equal the request byte for byte.  LG_LINES lines
+ * key, and the echo must equal the requests in flight byte for byte, as one
+ * stream (a pipelined Raw server may cut it anywhere).  LG_LINES lines
  * carry the key in hex.  LG_HTTP checks the status line, Content-Length
  * and the body.  A mismatch counts an error; bytes that cannot be resynced
  * (more data than was asked for, an unparseable response) drop the
@@ -198,13 +199,17 @@ static void send_requests(lg_gen *g, conn_t *c, int count, uint64_t t) {
     if (count <= 0 || c->dead || g->draining)
         return;
     if (g->mode == LG_RAW) {
-        fill_raw(c->req, g->size, key_of(c->id, c->seq_sent));
-        c->sent_ns[0] = t;
-        c->seq_sent++;
-        c->rxpos = 0;
-        if (buf_append(&c->tx, c->req, (size_t)g->size) < 0) {
-            conn_kill(g, c);
-            return;
+        /* c->req holds the `depth` requests in flight, slot seq % depth:
+         * what the echo must equal. */
+        for (int i = 0; i < count; i++) {
+            unsigned char *slot = c->req + (c->seq_sent % (uint64_t)g->depth) * (size_t)g->size;
+            fill_raw(slot, g->size, key_of(c->id, c->seq_sent));
+            c->sent_ns[c->seq_sent % (uint64_t)g->depth] = t;
+            c->seq_sent++;
+            if (buf_append(&c->tx, slot, (size_t)g->size) < 0) {
+                conn_kill(g, c);
+                return;
+            }
         }
     } else if (g->mode == LG_LINES) {
         if (buf_reserve(&c->tx, (size_t)count * LINE_LEN) < 0) {
@@ -235,20 +240,34 @@ static void got_response(lg_gen *g, uint64_t sent, uint64_t t) {
 }
 
 static void on_raw(lg_gen *g, conn_t *c, const unsigned char *p, size_t n, uint64_t t) {
-    size_t want = (size_t)g->size - c->rxpos;
-    if (c->seq_recv >= c->seq_sent || n > want) {
-        g->r.errors++; /* bytes nobody asked for: cannot resync */
-        conn_kill(g, c);
-        return;
+    /* The echo is the byte stream of the requests in flight, in order, cut
+     * wherever the server's reads and writes cut it. */
+    int done = 0;
+    while (n > 0) {
+        if (c->seq_recv >= c->seq_sent) {
+            g->r.errors++; /* bytes nobody asked for: cannot resync */
+            conn_kill(g, c);
+            return;
+        }
+        uint64_t slot = c->seq_recv % (uint64_t)g->depth;
+        const unsigned char *want = c->req + slot * (size_t)g->size + c->rxpos;
+        size_t take = (size_t)g->size - c->rxpos;
+        if (take > n)
+            take = n;
+        if (memcmp(p, want, take) != 0)
+            g->r.errors++;
+        c->rxpos += take;
+        p += take;
+        n -= take;
+        if (c->rxpos == (size_t)g->size) {
+            c->rxpos = 0;
+            c->seq_recv++;
+            got_response(g, c->sent_ns[slot], t);
+            done++;
+        }
     }
-    if (memcmp(p, c->req + c->rxpos, n) != 0)
-        g->r.errors++;
-    c->rxpos += n;
-    if (c->rxpos == (size_t)g->size) {
-        c->seq_recv++;
-        got_response(g, c->sent_ns[0], t);
-        send_requests(g, c, 1, t);
-    }
+    /* Keep `depth` requests in flight: refill what came back, in one write. */
+    send_requests(g, c, done, t);
 }
 
 static void on_lines(lg_gen *g, conn_t *c, const unsigned char *p, size_t n, uint64_t t) {
@@ -370,17 +389,18 @@ static void conn_start(lg_gen *g, conn_t *c, uint64_t t) {
         return;
     }
     c->connected = 1;
-    send_requests(g, c, g->mode == LG_LINES ? g->depth : 1, t);
+    send_requests(g, c, g->depth, t);
 }
 
 lg_gen *lg_open(int port, int ipv6, int nconns, int mode, int size, int depth) {
     if (port <= 0 || port > 65535 || nconns <= 0 || nconns > 65536 || mode < LG_RAW ||
         mode > LG_HTTP || (mode == LG_RAW && (size < 8 || size > (16 << 20))) ||
-        (mode == LG_LINES && (depth < 1 || depth > 4096))) {
+        (mode != LG_HTTP && (depth < 1 || depth > 4096)) ||
+        (mode == LG_RAW && (size_t)size * (size_t)depth > (64u << 20))) {
         errno = EINVAL;
         return NULL;
     }
-    if (mode != LG_LINES)
+    if (mode == LG_HTTP)
         depth = 1;
     lg_gen *g = calloc(1, sizeof *g);
     if (!g)
@@ -404,7 +424,7 @@ lg_gen *lg_open(int port, int ipv6, int nconns, int mode, int size, int depth) {
         c->sent_ns = calloc((size_t)depth, sizeof *c->sent_ns);
         if (!c->sent_ns)
             goto fail;
-        if (mode == LG_RAW && !(c->req = malloc((size_t)size)))
+        if (mode == LG_RAW && !(c->req = malloc((size_t)size * (size_t)depth)))
             goto fail;
         c->fd = socket(ipv6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (c->fd < 0)
@@ -459,7 +479,7 @@ int lg_drive(lg_gen *g, double seconds, uint64_t max_msgs, double stall_seconds,
     for (int i = 0; i < g->nconns; i++) {
         conn_t *c = &g->conns[i];
         if (c->connected && !c->dead && c->seq_recv == c->seq_sent && c->tx.len == 0)
-            send_requests(g, c, g->mode == LG_LINES ? g->depth : 1, t);
+            send_requests(g, c, g->depth, t);
     }
     while (t < deadline && (max_msgs == 0 || g->r.msgs < max_msgs)) {
         if (g->draining) {

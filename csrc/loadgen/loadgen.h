@@ -16,7 +16,7 @@
 /* LG_CDEF_BEGIN */
 
 /* Scenario modes, shared by the generator and lg_c_server. */
-#define LG_RAW 0    /* depth-1 echo of `size`-byte payloads, seq + pattern  */
+#define LG_RAW 0    /* echo of `size`-byte payloads, seq + pattern, `depth` in flight */
 #define LG_LINES 1  /* 64 B newline-terminated lines, `depth` in flight     */
 #define LG_HTTP 2   /* GET keep-alive, expects 200 and body "Hello, world!" */
 
@@ -40,8 +40,9 @@ typedef struct {
 } lg_result;
 
 /* Open `conns` connections to 127.0.0.1:port (::1 when ipv6 != 0).
- * size: payload bytes (LG_RAW; 8..16 MiB); depth: lines in flight per
- * connection (LG_LINES).  Returns NULL with errno set on failure; the
+ * size: payload bytes (LG_RAW; 8..16 MiB); depth: requests in flight per
+ * connection (LG_RAW, LG_LINES: 1..4096, sent in one write; LG_RAW at most
+ * 64 MiB in flight; LG_HTTP: always 1).  Returns NULL with errno set on failure; the
  * connect itself completes during the first lg_drive. */
 lg_gen *lg_open(int port, int ipv6, int conns, int mode, int size, int depth);
 

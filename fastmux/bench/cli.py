@@ -1,5 +1,5 @@
 """``python -m fastmux bench``: fastmux side by side with pure-Python loops,
-asyncio, uvloop and a minimal C server.
+asyncio, uvloop, rloop, uvicorn and a minimal C server.
 
 Each server runs in its own process (fastmux.bench.servers) pinned to CPU 0;
 the load generator (fastmux.bench._loadgen, C, GIL released) runs in this process
@@ -9,6 +9,13 @@ process, /proc/PID/task/*/schedstat, over a window that starts and ends with
 the server idle) and, with ``--strace``, syscalls per message.  Servers are
 interleaved inside each round and ratios to asyncio/uvloop are taken round
 by round, then the median, so machine drift cancels out.
+
+Servers: fastmux's native API on both backends; one asyncio Protocol class
+on four loops (fastmux's EventLoop, stdlib asyncio, uvloop, rloop); uvicorn
+with httptools and a hello ASGI app on three loops (HTTP only); a batching
+selectors server, a tutorial edge-triggered select.epoll server, and the
+minimal C server.  A server whose optional package is missing is skipped
+with a note.
 """
 
 from __future__ import annotations
@@ -30,11 +37,17 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-SERVERS = ["fastmux-epoll", "fastmux-select", "asyncio", "uvloop", "selectors-batch",
+from .servers import missing, serves
+
+SERVERS = ["fastmux-epoll", "fastmux-select", "asyncio-fastmux", "asyncio", "uvloop", "rloop",
+           "uvicorn-fastmux", "uvicorn-uvloop", "uvicorn-asyncio", "selectors-batch",
            "python-et", "c-et"]
 
 #: Reference servers for the ratio columns.
-REFERENCES = ["asyncio", "uvloop"]
+REFERENCES = ["asyncio", "uvloop", "rloop", "c-et"]
+
+#: Connections per scenario unless the scenario or --connections says otherwise.
+CONNECTIONS = 100
 
 SERVER_CPU = 0
 LOADGEN_CPU = 1
@@ -45,15 +58,18 @@ class Scenario:
     name: str
     mode: str  # "raw" | "lines" | "http" (servers.MODES)
     size: int = 64
-    depth: int = 1
+    depth: int = 1  # requests in flight per connection, sent in one write
     note: str = ""
+    connections: int = CONNECTIONS
 
 
 SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
     Scenario("echo64", "raw", 64, 1, "raw echo 64 B, depth 1"),
     Scenario("echo1k", "raw", 1024, 1, "raw echo 1 KiB, depth 1"),
-    Scenario("echo64k", "raw", 65536, 1, "raw echo 64 KiB, depth 1"),
-    Scenario("lines16", "lines", 64, 16, "64 B lines pipelined 16 deep"),
+    Scenario("echo64k", "raw", 65536, 1, "raw echo 64 KiB, depth 1, 10 conns", 10),
+    Scenario("raw16", "raw", 64, 16, "raw echo 64 B pipelined 16 deep, 10 conns", 10),
+    Scenario("lines16", "lines", 64, 16,
+             "64 B lines pipelined 16 deep (asyncio Protocols: one write per line)"),
     Scenario("http", "http", 0, 1, "HTTP GET keep-alive, 'Hello, world!'"),
 ]}
 
@@ -69,10 +85,20 @@ class Target:
     bound: float
     text: str
     server: str = "fastmux-epoll"
+    issue: str = ""  # the issue that set it ("#12"), or "" for the bench's first goals
+
+
+def _no_worse_everywhere(server: str, refs: Sequence[str], issue: str) -> List[Target]:
+    """`server` spends no more CPU per message than each of `refs`, in every
+    scenario where both run."""
+    return [Target(sc.name, "cpu_us_per_msg", ref, "<=", 1.0, f"CPU/msg <= {ref}", server, issue)
+            for sc in SCENARIOS.values() for ref in refs
+            if serves(server, sc.mode) and serves(ref, sc.mode)]
 
 
 TARGETS = [
-    Target("echo64", "cpu_us_per_msg", "c-et", "<=", 1.0, "CPU/msg <= minimal C server"),
+    Target("echo64", "cpu_us_per_msg", "c-et", "<=", 1.0, "CPU/msg <= minimal C server",
+           issue="#12"),
     Target("echo64", "cpu_us_per_msg", "uvloop", "<", 1.0, "CPU/msg < uvloop"),
     Target("echo64", "cpu_us_per_msg", "python-et", "<=", 0.7, "CPU/msg <= 0.7x tutorial ET"),
     Target("echo64", "syscalls_per_msg", None, "<=", 2.05, "syscalls/msg <= 2.05"),
@@ -80,7 +106,26 @@ TARGETS = [
     Target("lines16", "msgs_per_s", "uvloop", ">=", 10.0, "msgs/s >= 10x uvloop"),
     Target("lines16", "msgs_per_s", "selectors-batch", ">=", 1.3,
            "msgs/s >= 1.3x batching selectors"),
-    Target("lines16", "msgs_per_s", "c-et", ">=", 0.6, "msgs/s >= 0.6x minimal C server"),
+    Target("lines16", "msgs_per_s", "c-et", ">=", 0.6, "msgs/s >= 0.6x minimal C server",
+           issue="#12"),
+    # Issue 10: fastmux as an asyncio loop.
+    Target("echo64", "cpu_us_per_msg", "asyncio", "<=", 1.0, "CPU/msg <= stdlib asyncio",
+           "asyncio-fastmux", "#10"),
+    Target("echo64", "cpu_us_per_msg", "uvloop", "<=", 1.1, "CPU/msg <= 1.1x uvloop",
+           "asyncio-fastmux", "#10"),
+    Target("lines16", "msgs_per_s", "uvloop", ">=", 3.0, "msgs/s >= 3x uvloop",
+           "asyncio-fastmux", "#10"),
+    Target("http", "msgs_per_s", "uvicorn-uvloop", ">=", 1.0,
+           "responses/s >= uvicorn on uvloop", "uvicorn-fastmux", "#10"),
+    # Issue 12: the per-message Python cost.
+    Target("echo64k", "cpu_us_per_msg", "c-et", "<=", 1.05, "CPU/msg <= 1.05x minimal C server",
+           issue="#12"),
+    Target("raw16", "cpu_us_per_msg", "c-et", "<=", 1.2, "CPU/msg <= 1.2x minimal C server",
+           issue="#12"),
+    Target("http", "cpu_us_per_msg", "c-et", "<=", 1.05,
+           "CPU/response <= 1.05x minimal C server", issue="#12"),
+    *_no_worse_everywhere("fastmux-epoll", ("uvloop", "rloop"), "#12"),
+    *_no_worse_everywhere("asyncio-fastmux", ("uvloop", "rloop"), "#12"),
 ]
 
 
@@ -111,8 +156,9 @@ class ServerProcess:
                 line += chunk
         m = re.match(rb"READY (\d+)", line)
         if m is None:
+            err = self.stderr()  # before stop() closes it
             self.stop()
-            raise RuntimeError(f"server {self.name} did not start: {self.stderr()!r}")
+            raise RuntimeError(f"server {self.name} did not start: {err!r}")
         return int(m.group(1))
 
     def cpu_ns(self) -> int:
@@ -195,7 +241,7 @@ def run_one(server: str, sc: Scenario, opts: argparse.Namespace) -> Dict[str, An
     srv = ServerProcess(server, sc.mode, opts.server_cpu)
     lg: Optional[LoadGen] = None
     try:
-        lg = LoadGen(srv.port, sc, opts.connections)
+        lg = LoadGen(srv.port, sc, opts.connections or sc.connections)
         warm = lg.drive(opts.warmup, record=False)
         lg.quiesce()
         cpu0 = srv.cpu_ns()
@@ -260,7 +306,7 @@ def strace_one(server: str, sc: Scenario, opts: argparse.Namespace) -> Dict[str,
     out.close()
     tool = opts.strace_tool
     try:
-        lg = LoadGen(srv.port, sc, opts.connections)
+        lg = LoadGen(srv.port, sc, opts.connections or sc.connections)
         lg.drive(opts.warmup, record=False)
         lg.quiesce()
         if tool == "perf":
@@ -378,20 +424,25 @@ def summarize(runs: List[Dict[str, Any]], strace: List[Dict[str, Any]],
 
 
 def check_targets(summary: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Every target whose scenario, server and reference this run measured,
+    with its value and whether it was met (None: no value, e.g. no syscall
+    counts without --strace)."""
     out = []
     for t in TARGETS:
-        row = summary.get(t.scenario, {}).get(t.server)
+        rows = summary.get(t.scenario, {})
+        if t.server not in rows or (t.ref is not None and t.ref not in rows):
+            continue  # not measured in this run
+        row = rows[t.server]
         value: Optional[float] = None
-        if row is not None:
-            if t.ref is None:
-                value = row.get(t.metric)
-            else:
-                value = row["ratio"].get(t.ref, {}).get(t.metric)
+        if t.ref is None:
+            value = row.get(t.metric)
+        else:
+            value = row["ratio"].get(t.ref, {}).get(t.metric)
         ok: Optional[bool] = None
         if value is not None:
             ok = {"<=": value <= t.bound, "<": value < t.bound, ">=": value >= t.bound}[t.op]
         out.append({"target": f"{t.scenario}: {t.server} {t.text}", "value": value,
-                    "bound": f"{t.op} {t.bound}", "met": ok})
+                    "bound": f"{t.op} {t.bound}", "met": ok, "issue": t.issue})
     return out
 
 
@@ -402,15 +453,21 @@ def _fmt(x: Optional[float], spec: str) -> str:
 
 
 def render_table(summary: Dict[str, Dict[str, Any]], servers: List[str]) -> str:
-    refs = [r for r in REFERENCES if r in servers]
+    """One block per scenario; the ratio columns are this server's msgs/s and
+    CPU per message divided by the reference's (per round, then the median).
+    A uvicorn row is divided by uvicorn on the reference loop."""
+    refs = [r for r in REFERENCES if r in servers or f"uvicorn-{r}" in servers]
+    head1 = " " * 65 + "".join(f"{'/' + r:>12}" for r in refs)
     head = f"{'server':<16}{'msgs/s':>11}{'p50 us':>9}{'p99 us':>9}{'cpu us/msg':>11}" \
            f"{'sys/msg':>9}"
-    for r in refs:
-        head += f"{'x' + r + ' m/s':>14}{'x' + r + ' cpu':>14}"
+    head += f"{'m/s':>6}{'cpu':>6}" * len(refs)
     head += f"{'err':>6}"
     lines = []
     for sc, rows in summary.items():
-        lines.append(f"\n== {sc}: {SCENARIOS[sc].note}")
+        paired = any(srv.startswith("uvicorn-") for srv in rows)
+        lines.append(f"\n== {sc}: {SCENARIOS[sc].note}"
+                     f"{' (uvicorn rows: ratios to uvicorn on that loop)' if paired else ''}")
+        lines.append(head1)
         lines.append(head)
         for srv in servers:
             row = rows.get(srv)
@@ -421,19 +478,29 @@ def render_table(summary: Dict[str, Dict[str, Any]], servers: List[str]) -> str:
                     f"{_fmt(row['cpu_us_per_msg'], '.2f'):>11}"
                     f"{_fmt(row['syscalls_per_msg'], '.2f'):>9}")
             for r in refs:
-                rr = row["ratio"].get(r, {})
-                line += f"{_fmt(rr.get('msgs_per_s'), '.2f'):>14}" \
-                        f"{_fmt(rr.get('cpu_us_per_msg'), '.2f'):>14}"
+                rr = row["ratio"].get(_paired_ref(srv, r), {})
+                line += f"{_fmt(rr.get('msgs_per_s'), '.2f'):>6}" \
+                        f"{_fmt(rr.get('cpu_us_per_msg'), '.2f'):>6}"
             line += f"{row['errors'] + row['conn_errors']:>6}"
             lines.append(line)
     return "\n".join(lines)
+
+
+def _paired_ref(server: str, ref: str) -> str:
+    """The reference a row is divided by in column `ref`: for a uvicorn
+    server, uvicorn on that loop (same app, same parser)."""
+    if server.startswith("uvicorn-") and ref in ("asyncio", "uvloop", "rloop"):
+        return f"uvicorn-{ref}"
+    return ref
 
 
 def render_targets(results: List[Dict[str, Any]]) -> str:
     lines = ["\n== targets (ratios are per-round medians)"]
     for r in results:
         mark = {True: "MET ", False: "MISS", None: "n/a "}[r["met"]]
-        lines.append(f"  [{mark}] {r['target']}: {_fmt(r['value'], '.3f')} (want {r['bound']})")
+        issue = f"{r['issue']:<4}" if r["issue"] else "    "
+        lines.append(f"  [{mark}] {issue}{r['target']}: {_fmt(r['value'], '.3f')} "
+                     f"(want {r['bound']})")
     return "\n".join(lines)
 
 
@@ -480,7 +547,7 @@ def machine_info() -> Dict[str, Any]:
     except OSError:
         pass
     versions: Dict[str, Optional[str]] = {}
-    for mod in ("uvloop", "cffi"):
+    for mod in ("uvloop", "rloop", "uvicorn", "httptools", "cffi"):
         try:
             versions[mod] = __import__(mod).__version__
         except ImportError:
@@ -507,7 +574,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="measured seconds per run (default 2; quick 0.4)")
     p.add_argument("--warmup", type=float, default=None,
                    help="warm-up seconds per run (default 0.5; quick 0.15)")
-    p.add_argument("--connections", type=int, default=100, help="connections (default 100)")
+    p.add_argument("--connections", type=int, default=None,
+                   help=f"connections in every scenario (default {CONNECTIONS}; echo64k and "
+                        "raw16: 10)")
     p.add_argument("--json", metavar="PATH", default=None, help="write raw results as JSON")
     p.add_argument("--png", metavar="PATH", default=None, help="write a bar chart (matplotlib)")
     p.add_argument("--strace", action="store_true",
@@ -567,12 +636,17 @@ def _plan(opts: argparse.Namespace) -> Plan:
     """Choose the servers and scenarios, and pin this process's CPU (setting
     opts.server_cpu for the servers); say in notes what was skipped."""
     plan = Plan(list(opts.servers or SERVERS), list(opts.scenarios or SCENARIOS), [])
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        if "uvloop" in plan.servers:
-            plan.servers.remove("uvloop")
-            plan.notes.append("uvloop is not installed (pip install 'fastmux[bench]'): skipped")
+    for srv in list(plan.servers):
+        gone = missing(srv)
+        if gone:
+            plan.servers.remove(srv)
+            plan.notes.append(f"{' and '.join(gone)} not installed (pip install "
+                              f"'fastmux[bench]'): {srv} skipped")
+    modes = {SCENARIOS[sc].mode for sc in plan.scenarios}
+    for srv in list(plan.servers):
+        if not any(serves(srv, m) for m in modes):
+            plan.servers.remove(srv)
+            plan.notes.append(f"{srv} serves none of the scenarios chosen: skipped")
     from fastmux import epoll_available
     if not epoll_available() and "fastmux-epoll" in plan.servers:
         plan.servers.remove("fastmux-epoll")
@@ -596,7 +670,8 @@ def _timed_rounds(plan: Plan, opts: argparse.Namespace,
                   failures: List[str]) -> List[Dict[str, Any]]:
     """Every server on every scenario, `opts.rounds` times, servers
     interleaved; a run that raises goes to `failures` and the rest go on."""
-    total = opts.rounds * len(plan.scenarios) * len(plan.servers)
+    total = opts.rounds * sum(1 for sc in plan.scenarios for srv in plan.servers
+                              if serves(srv, SCENARIOS[sc].mode))
     runs: List[Dict[str, Any]] = []
     k = 0
     t0 = time.monotonic()
@@ -606,6 +681,8 @@ def _timed_rounds(plan: Plan, opts: argparse.Namespace,
             shift = rnd % len(plan.servers)
             order = plan.servers[shift:] + plan.servers[:shift]
             for srv in order:
+                if not serves(srv, SCENARIOS[sc].mode):
+                    continue
                 k += 1
                 prefix = f"[{k}/{total} {time.monotonic() - t0:5.1f}s] round {rnd + 1} " \
                          f"{sc:<8} {srv:<16}"
@@ -631,11 +708,14 @@ def _timed_rounds(plan: Plan, opts: argparse.Namespace,
 def _strace_pass(plan: Plan, opts: argparse.Namespace,
                  failures: List[str]) -> List[Dict[str, Any]]:
     """Syscalls per message, one traced run per server and scenario."""
-    total = len(plan.scenarios) * len(plan.servers)
+    total = sum(1 for sc in plan.scenarios for srv in plan.servers
+                if serves(srv, SCENARIOS[sc].mode))
     straced: List[Dict[str, Any]] = []
     k = 0
     for sc in plan.scenarios:
         for srv in plan.servers:
+            if not serves(srv, SCENARIOS[sc].mode):
+                continue
             k += 1
             print(f"[strace {k}/{total}] {sc:<8} {srv:<16}", end=" ", file=sys.stderr,
                   flush=True)
@@ -652,6 +732,18 @@ def _strace_pass(plan: Plan, opts: argparse.Namespace,
     return straced
 
 
+def _connections(opts: argparse.Namespace, plan: Plan) -> str:
+    """The connection counts of this run, e.g. "100 (echo64k, raw16: 10)"."""
+    if opts.connections:
+        return str(opts.connections)
+    other = [sc for sc in plan.scenarios if SCENARIOS[sc].connections != CONNECTIONS]
+    by_n: Dict[int, List[str]] = {}
+    for sc in other:
+        by_n.setdefault(SCENARIOS[sc].connections, []).append(sc)
+    extra = "; ".join(f"{', '.join(scs)}: {n}" for n, scs in by_n.items())
+    return f"{CONNECTIONS} ({extra})" if extra else str(CONNECTIONS)
+
+
 def _report(plan: Plan, opts: argparse.Namespace, runs: List[Dict[str, Any]],
             straced: List[Dict[str, Any]], failures: List[str]) -> None:
     """Print the table and the targets; write the JSON and the chart if asked."""
@@ -660,7 +752,7 @@ def _report(plan: Plan, opts: argparse.Namespace, runs: List[Dict[str, Any]],
     info = machine_info()
     print(f"\nfastmux bench {info['date']}  {info['cpu']} x{info['cpus']}  "
           f"Linux {info['kernel']}  CPython {info['python']}  rounds={opts.rounds} "
-          f"duration={opts.duration}s connections={opts.connections}")
+          f"duration={opts.duration}s connections={_connections(opts, plan)}")
     print(render_table(summary, plan.servers))
     print(render_targets(targets))
     for n in plan.notes:

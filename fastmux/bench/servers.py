@@ -12,6 +12,11 @@ message -- per read in "raw" mode, per line in "lines" mode, per request in
 "http" mode -- and produces that message's answer.  What differs is only the
 I/O machinery around it, which is what the bench compares.  No server echoes
 in C on behalf of Python; only "c-et", the floor reference, is C throughout.
+
+The asyncio Protocol servers ("asyncio", "uvloop", "rloop",
+"asyncio-fastmux") are one Protocol class on four event loops.  The uvicorn
+servers (HTTP only) are uvicorn with httptools serving a hello ASGI app, on
+three loops; their per-request function is the app.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
+
+if TYPE_CHECKING:
+    import asyncio
 
 #: The answer of every "http" server (the load generator checks the status
 #: line, Content-Length and the body).
@@ -36,8 +44,12 @@ _SEP = {"lines": b"\n", "http": b"\r\n\r\n"}
 
 
 def _listen() -> socket.socket:
-    # Loopback only: the bench never serves another host.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # Loopback only: the bench never serves another host.  proto=IPPROTO_TCP
+    # as getaddrinfo gives it to create_server(host, port): asyncio sets
+    # TCP_NODELAY only on sockets whose proto says TCP, and without it a
+    # server that answers in two writes (uvicorn: head, then body) waits
+    # for the client's delayed ACK, 40 ms per response.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
@@ -118,21 +130,79 @@ def _protocol_class(mode: str) -> type:
     return Proto
 
 
-def serve_asyncio(sock: socket.socket, mode: str, use_uvloop: bool) -> None:
+#: The asyncio event loops the Protocol server runs on: name -> (module,
+#: function) of the loop factory.  The same Protocol class on each, so the
+#: loop is the only difference.
+LOOPS: Dict[str, Tuple[str, str]] = {
+    "asyncio": ("asyncio", "new_event_loop"),
+    "uvloop": ("uvloop", "new_event_loop"),
+    "rloop": ("rloop", "new_event_loop"),
+    "fastmux": ("fastmux", "new_event_loop"),
+}
+
+
+def _new_loop(loop_name: str) -> "asyncio.AbstractEventLoop":
+    import importlib
+
+    module, func = LOOPS[loop_name]
+    loop: asyncio.AbstractEventLoop = getattr(importlib.import_module(module), func)()
+    return loop
+
+
+def serve_asyncio(sock: socket.socket, mode: str, loop_name: str) -> None:
     import asyncio
 
-    loop: asyncio.AbstractEventLoop
-    if use_uvloop:
-        import uvloop
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
+    loop = _new_loop(loop_name)
     asyncio.set_event_loop(loop)
     proto = _protocol_class(mode)
+    port = sock.getsockname()[1]  # rloop's create_server takes the fd over
     loop.run_until_complete(loop.create_server(proto, sock=sock))
-    _ready(sock)
+    _ready(port)
     loop.call_later(MAX_SECONDS, loop.stop)
     loop.run_forever()
+
+
+# -- uvicorn + httptools, hello ASGI app ------------------------------------------
+
+#: uvicorn's --loop value for each loop (a "module:function" string is a
+#: loop factory; uvicorn >= 0.36).
+UVICORN_LOOPS = {"asyncio": "asyncio", "uvloop": "uvloop", "fastmux": "fastmux:new_event_loop"}
+
+
+async def hello_app(scope: Dict[str, Any], receive: Callable[[], Awaitable[Any]],
+                    send: Callable[[Dict[str, Any]], Awaitable[None]]) -> None:
+    """The hello ASGI app: the per-request Python function of the uvicorn
+    servers (uvicorn adds its date and server headers)."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"13")]})
+    await send({"type": "http.response.body", "body": b"Hello, world!"})
+
+
+def serve_uvicorn(sock: socket.socket, mode: str, loop_name: str) -> None:
+    """uvicorn with its httptools parser serving `hello_app`, keep-alive, no
+    access log, on the named loop.  HTTP only."""
+    import asyncio
+    import importlib
+
+    # Typed as Any: mypy checks this module alike with and without the
+    # optional package installed.
+    uvicorn: Any = importlib.import_module("uvicorn")
+    if mode != "http":
+        raise SystemExit(f"uvicorn serves HTTP only, not {mode!r}")
+    config = uvicorn.Config(hello_app, loop=UVICORN_LOOPS[loop_name], http="httptools",
+                            interface="asgi3", lifespan="off", access_log=False,
+                            log_level="warning", timeout_graceful_shutdown=1)
+
+    class Server(uvicorn.Server):  # type: ignore[misc]  # (a subclass of Any)
+        async def startup(self, sockets: Optional[List[socket.socket]] = None) -> None:
+            await super().startup(sockets)
+            asyncio.get_running_loop().call_later(MAX_SECONDS, setattr, self,
+                                                  "should_exit", True)
+            _ready(sock)
+
+    Server(config).run(sockets=[sock])
 
 
 # -- selectors, one send per read ---------------------------------------------
@@ -331,29 +401,82 @@ def serve_c(sock: socket.socket, mode: str) -> None:
 
 # -- entry point ----------------------------------------------------------------
 
-def _ready(sock: socket.socket) -> None:
-    print(f"READY {sock.getsockname()[1]}", flush=True)
+def _ready(sock: "socket.socket | int") -> None:
+    port = sock if isinstance(sock, int) else sock.getsockname()[1]
+    print(f"READY {port}", flush=True)
 
 
 SERVERS: Dict[str, Callable[[socket.socket, str], None]] = {
     "fastmux-epoll": lambda s, m: serve_fastmux(s, m, "epoll"),
     "fastmux-select": lambda s, m: serve_fastmux(s, m, "select"),
-    "asyncio": lambda s, m: serve_asyncio(s, m, False),
-    "uvloop": lambda s, m: serve_asyncio(s, m, True),
+    "asyncio": lambda s, m: serve_asyncio(s, m, "asyncio"),
+    "uvloop": lambda s, m: serve_asyncio(s, m, "uvloop"),
+    "rloop": lambda s, m: serve_asyncio(s, m, "rloop"),
+    "asyncio-fastmux": lambda s, m: serve_asyncio(s, m, "fastmux"),
+    "uvicorn-fastmux": lambda s, m: serve_uvicorn(s, m, "fastmux"),
+    "uvicorn-uvloop": lambda s, m: serve_uvicorn(s, m, "uvloop"),
+    "uvicorn-asyncio": lambda s, m: serve_uvicorn(s, m, "asyncio"),
     "selectors-batch": serve_selectors,
     "python-et": serve_python_et,
     "c-et": serve_c,
 }
 
+#: The modes a server can serve (default: every mode).
+SERVER_MODES: Dict[str, Tuple[str, ...]] = {
+    "uvicorn-fastmux": ("http",),
+    "uvicorn-uvloop": ("http",),
+    "uvicorn-asyncio": ("http",),
+}
+
+#: The optional packages a server needs (the `bench` extra installs them).
+REQUIRES: Dict[str, Tuple[str, ...]] = {
+    "uvloop": ("uvloop",),
+    "rloop": ("rloop",),
+    "uvicorn-fastmux": ("uvicorn", "httptools"),
+    "uvicorn-uvloop": ("uvicorn", "httptools", "uvloop"),
+    "uvicorn-asyncio": ("uvicorn", "httptools"),
+}
+
+
+def serves(name: str, mode: str) -> bool:
+    """Whether server `name` runs in `mode`."""
+    return mode in SERVER_MODES.get(name, MODES)
+
+
+def missing(name: str) -> List[str]:
+    """The optional packages server `name` needs that are not installed."""
+    import importlib.util
+
+    return [m for m in REQUIRES.get(name, ()) if importlib.util.find_spec(m) is None]
+
+
+def _settle_malloc() -> None:
+    """Start every server with glibc malloc's dynamic mmap threshold raised.
+
+    glibc serves a block above the threshold (128 KiB at start-up) with
+    mmap, and raises the threshold to a block's size the first time such a
+    block is free()d -- but not when realloc() shrinks it.  A loop that
+    allocates a 256 KiB read buffer per read and shrinks it to what arrived
+    (the stdlib's sock.recv(262144), rloop) then pays mmap, munmap and page
+    faults on every read, or not, depending on whether anything earlier in
+    the process happened to free a large block: measured here, stdlib
+    asyncio's echo took 24 or 8 us of CPU per message depending only on
+    whether PYTHONPATH was set.  One large free() at start-up puts every
+    server in the state a long-running process reaches anyway."""
+    block = bytearray(1 << 20)  # malloc(1 MiB): above the threshold, mmap'd
+    del block  # free(): the threshold becomes 1 MiB
+
 
 def main(argv: List[str]) -> int:
-    if len(argv) != 3 or argv[0] not in SERVERS or argv[1] not in MODES:
+    if len(argv) != 3 or argv[0] not in SERVERS or argv[1] not in MODES \
+            or not serves(argv[0], argv[1]):
         print(f"usage: python -m fastmux.bench.servers {{{','.join(SERVERS)}}} "
               f"{{{','.join(MODES)}}} CPU", file=sys.stderr)
         return 2
     name, mode, cpu = argv[0], argv[1], int(argv[2])
     if cpu >= 0 and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cpu})
+    _settle_malloc()
     sock = _listen()
     SERVERS[name](sock, mode)
     return 0
