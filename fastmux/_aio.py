@@ -223,7 +223,6 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         self._paused = False
         self._conn_lost = 0
         self._unsent = 0  # bytes written this iteration, not yet handed to the core
-        self._queued = 0  # the core's queue when this iteration's first write came
         self._protocol_connected = False
         self.set_protocol(protocol)
         if server is not None:
@@ -375,14 +374,14 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             return
         wb = conn._wbuf
         if not wb:
-            # First write of this iteration: what does the core still hold?
-            self._unsent = 0
-            self._queued = conn.write_buffer_size
-            loop = conn._loop
-            loop._dirty.append(conn)
+            self._unsent = 0  # the last iteration's writes went to the core
+            conn._loop._dirty.append(conn)
         wb.append(data)
         self._unsent += len(data)
-        if self._unsent + self._queued > self._high_water and not self._protocol_paused:
+        # conn._queued is what the core held after the last send: never less
+        # than it holds now, so this test never misses a pause; when it
+        # fires, _maybe_pause_protocol asks the core for the exact figure.
+        if self._unsent + conn._queued > self._high_water and not self._protocol_paused:
             self._maybe_pause_protocol()
 
     def writelines(self, list_of_data: Any) -> None:

@@ -139,9 +139,9 @@ class Backend(Protocol):
 
     def send(self, cid: int, data: bytes) -> int: ...
 
-    def send_many(self, items: list[tuple[int, bytes]]) -> None:
-        """``send`` for each ``(cid, data)``; results are not reported (a
-        connection that cannot send reports EV_CLOSED)."""
+    def send_many(self, items: list[tuple[int, bytes]]) -> list[int]:
+        """``send`` for each ``(cid, data)``; the results, in order (a
+        connection that cannot send also reports EV_CLOSED)."""
 
     def close(self, cid: int) -> None: ...
 

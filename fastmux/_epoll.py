@@ -135,10 +135,9 @@ class EpollBackend:
     def send(self, cid: int, data: bytes) -> int:
         return int(self._send(self._loop, cid, data, len(data)))
 
-    def send_many(self, items: list[tuple[int, bytes]]) -> None:
+    def send_many(self, items: list[tuple[int, bytes]]) -> list[int]:
         send, loop = self._send, self._loop
-        for cid, data in items:
-            send(loop, cid, data, len(data))
+        return [send(loop, cid, data, len(data)) for cid, data in items]
 
     def close(self, cid: int) -> None:
         lib.fm_close(self._loop, cid)

@@ -189,7 +189,7 @@ class Connection:
         "_loop", "_cid", "_fd", "handler", "_on_message", "_wbuf", "_closed",
         "_wclosed", "_deliver", "_paused", "_framing", "_defer_framing",
         "_deferred", "_deferred_eof", "_opened", "_exc", "_peername", "_sockname",
-        "_connect_timer", "_family", "__weakref__",
+        "_connect_timer", "_family", "_queued", "__weakref__",
     )
 
     def __init__(self, loop: "Loop", cid: int, fd: int, framing: Framing) -> None:
@@ -197,6 +197,10 @@ class Connection:
         self._cid = cid
         self._fd = fd
         self._wbuf: List[bytes] = []
+        # What the backend still held after this connection's last send (an
+        # upper bound: the socket may have taken more since), < 0 once it
+        # cannot send.  Flow control reads it without asking the backend.
+        self._queued = 0
         self._closed = False  # close()/abort() called, or the connection ended
         self._wclosed = False  # no more writes: closed or shut down
         self._deliver = True  # messages go to on_message now
@@ -250,7 +254,7 @@ class Connection:
         if wb and self._cid >= 0:
             data = wb[0] if len(wb) == 1 else b"".join(wb)
             self._loop._messages_out += len(wb)
-            self._loop._backend.send(self._cid, data)
+            self._queued = self._loop._backend.send(self._cid, data)
         wb.clear()
 
     @property
@@ -699,6 +703,7 @@ class Loop:
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, []
         out = []
+        sent = []
         nout = 0
         for c in dirty:
             wb = c._wbuf
@@ -706,10 +711,12 @@ class Loop:
                 if c._cid >= 0:
                     nout += len(wb)
                     out.append((c._cid, wb[0] if len(wb) == 1 else b"".join(wb)))
+                    sent.append(c)
                 wb.clear()
         self._messages_out += nout
         if out:
-            self._backend.send_many(out)
+            for c, queued in zip(sent, self._backend.send_many(out)):
+                c._queued = queued
 
     def _run_timers(self, seq_limit: int) -> int:
         """Run the due timers made before this iteration began (one made

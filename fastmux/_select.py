@@ -882,10 +882,10 @@ class SelectBackend:
 
     # -------------------------------------------------------------- writing
 
-    def send_many(self, items: List[Tuple[int, bytes]]) -> None:
-        """``send`` for each ``(cid, data)`` (the loop's end-of-iteration flush)."""
-        for cid, data in items:
-            self.send(cid, data)
+    def send_many(self, items: List[Tuple[int, bytes]]) -> List[int]:
+        """``send`` for each ``(cid, data)`` (the loop's end-of-iteration
+        flush); the results, in order."""
+        return [self.send(cid, data) for cid, data in items]
 
     def send(self, cid: int, data: bytes) -> int:
         """Queue `data` and try to send it now; returns the bytes still
