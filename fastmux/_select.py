@@ -127,8 +127,8 @@ class _Conn:
         "cid", "sock", "fd", "spec", "inbuf", "framed", "too_large", "outbuf",
         "connecting", "paused",
         "eof_seen", "eof_done", "err", "closing", "shut_req", "shut_done",
-        "over_high", "high", "low", "max_wbuf", "idle", "deadline", "listener",
-        "mask", "live",
+        "over_high", "drain_due", "high", "low", "max_wbuf", "idle", "deadline",
+        "listener", "mask", "live", "msg_poll",
     )
 
     def __init__(self, cid: int, sock: socket.socket, spec: Framing,
@@ -152,6 +152,9 @@ class _Conn:
         self.shut_req = False  # shutdown(): SHUT_WR once the queue is empty
         self.shut_done = False
         self.over_high = False  # queue exceeded `high`; EV_DRAIN owed
+        # send() drained the queue between polls: EV_DRAIN goes out from the
+        # next poll's ready list, unless close() comes first (FM_C_DRAIN_DUE).
+        self.drain_due = False
         self.high = DEFAULT_HIGH
         self.low = DEFAULT_LOW
         self.max_wbuf = 0
@@ -731,7 +734,18 @@ class SelectBackend:
 
     def _service(self, c: _Conn) -> None:
         """Read, frame and report one connection, as the C core's drain does."""
-        if not c.live or c.paused or c.closing or c.connecting:
+        if not c.live:
+            return
+        if c.drain_due:
+            # Owed by send() (fm__conn_process): before any read, and even
+            # while paused; a closing connection gets no EV_DRAIN.
+            if self._room() <= 0:
+                self._ready[c.cid] = c
+                return
+            c.drain_due = False
+            if not c.closing:
+                self._emit(EV_DRAIN, c.cid, 0, 0)
+        if c.paused or c.closing or c.connecting:
             return
         if self._room() <= 0:
             self._ready[c.cid] = c
@@ -844,7 +858,8 @@ class SelectBackend:
         c = self._live(cid)
         if c is not None and not c.paused:
             c.paused = True
-            self._ready.pop(cid, None)
+            if not c.drain_due:  # an owed EV_DRAIN still goes out
+                self._ready.pop(cid, None)
             self._update(c)
 
     def resume(self, cid: int) -> None:
@@ -937,7 +952,12 @@ class SelectBackend:
     def _after_write(self, c: _Conn) -> None:
         if c.over_high and len(c.outbuf) <= c.low:
             c.over_high = False
-            self._emit(EV_DRAIN, c.cid, 0, 0)
+            if not self._in_poll:
+                # From send(): owed, delivered by the next poll (see _service).
+                c.drain_due = True
+                self._ready[c.cid] = c
+            elif not c.closing:  # as fm__after_flush: none while closing
+                self._emit(EV_DRAIN, c.cid, 0, 0)
         if not c.outbuf and not c.connecting:
             if c.closing:
                 self._finish_close(c)
