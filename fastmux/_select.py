@@ -163,6 +163,7 @@ class _Conn:
         self.listener: Optional[_Listener] = None
         self.mask = 0  # the events currently registered with the selector
         self.live = True
+        self.msg_poll = 0  # the poll that last emitted a message of it
 
 
 class _Listener:
@@ -831,10 +832,19 @@ class SelectBackend:
             while framed and room > 0:
                 put(EV_MSG, cid, 0, 0, framed.popleft())
                 room -= 1
+            c.msg_poll = self._polls
             if framed:
                 self._ready[cid] = c
                 return False
         if c.too_large:
+            if c.msg_poll == self._polls:
+                # As csrc/framing.c: the loop has not dispatched the messages
+                # before it, and a handler may switch the framing on one of
+                # them (an HTTP header, then Fixed(content_length)).  The
+                # verdict waits for the next poll, with the rest buffered;
+                # set_framing re-splits it, otherwise it is refused then.
+                self._ready[cid] = c
+                return False
             self._kill(c, 0, R_TOOLARGE)
             return False
         return True
