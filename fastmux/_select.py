@@ -24,8 +24,10 @@ Why this backend behaves like the edge-triggered C core
       report the fd in every poll and the loop would spin.  So read interest
       is registered only while the connection is actually being read, and
       write interest only while output is queued or a connect is pending.
-    * Listeners accept until EAGAIN with ACCEPT_BUDGET per poll; on
-      EMFILE/ENFILE their read interest is dropped for EMFILE_BACKOFF
+    * Listeners accept until EAGAIN with ACCEPT_BUDGET per poll.  Out of
+      resources (EMFILE, ENFILE, ENOBUFS, ENOMEM) the backlog is accepted and
+      closed with the reserve fd, as in csrc/listen.c; without a reserve (or
+      on another listener error) read interest is dropped for EMFILE_BACKOFF
       seconds, so a full fd table cannot make the loop spin.
     * Each fd is served at most once per poll, whether it was reported by the
       selector, is on the ready list, or both.
@@ -548,7 +550,7 @@ class SelectBackend:
                     code = _errno_of(exc)
                     if code in _ACCEPT_SKIP:
                         continue
-                    if code in (errno.EMFILE, errno.ENFILE):
+                    if code in _ACCEPT_EXHAUSTED:  # as fm__listener_io
                         self._emfile += 1
                         if self._shed_backlog(lsock):
                             return
