@@ -369,6 +369,7 @@ class SelectBackend:
     def _dispatch(self, ready: List[Tuple[selectors.SelectorKey, int]]) -> None:
         """Serve what select reported plus the ready lists, each fd once."""
         readable: List[_Conn] = []
+        flush_later: List[_Conn] = []
         listeners: Dict[int, _Listener] = self._ready_l
         self._ready_l = {}
         for key, mask in ready:
@@ -380,7 +381,14 @@ class SelectBackend:
                     if tag.connecting:
                         self._on_connected(tag)
                     elif tag.outbuf:
-                        self._flush(tag)
+                        # As fm__conn_io: a readable connection is read
+                        # before it is flushed (its messages come before
+                        # the EV_DRAIN of that flush) -- unless it is on the
+                        # ready list, which reads it after the flush.
+                        if mask & _EV_R and tag.cid not in self._ready:
+                            flush_later.append(tag)
+                        else:
+                            self._flush(tag)
                 if mask & _EV_R and tag.live:
                     readable.append(tag)
             elif isinstance(tag, _Listener):
@@ -402,6 +410,9 @@ class SelectBackend:
             todo.setdefault(c.cid, c)
         for c in todo.values():
             self._service(c)
+        for c in flush_later:
+            if c.live and c.outbuf:
+                self._flush(c)
 
     def _drain_wake(self) -> None:
         try:

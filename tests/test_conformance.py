@@ -439,6 +439,25 @@ def drain_inline(h: Harness) -> list[Event]:
     return [("accept", 0, 0), ("drain", 0, None), ("msg", 0, b"after")]
 
 
+def drain_and_message_in_one_poll(h: Harness) -> list[Event]:
+    """Readable and writable in the same poll: the connection is read before
+    it is flushed, so its message comes before the DRAIN of that flush."""
+    h.listen(Lines())
+    p = h.connect(reading=False, rcvbuf=4096)
+    h.poll_until(lambda: h.count("accept"), "accept")
+    h.small_sndbuf(0)
+    h.send(0, BIG[:256 * 1024])
+    h.spin(3)  # the peer reads nothing: the queue stays
+    q = h.b.write_buffer_size(h.cid(0))
+    h.note("queued", 0, q > 0)
+    h.b.set_write_limits(h.cid(0), q - 1, q - 1)  # any progress drains
+    h.peers[p].send(b"m\n")  # readable ...
+    h.peers[p].pump()  # ... and, with room in the buffers again, writable
+    h.reading.add(p)
+    h.poll_until(lambda: h.count("drain", 0) and h.count("msg", 0), "message and drain")
+    return [("accept", 0, 0), ("peer-queued", 0, True), ("msg", 0, b"m"), ("drain", 0, None)]
+
+
 def write_buffer_full(h: Harness) -> list[Event]:
     h.listen(Raw())
     h.connect(reading=False, rcvbuf=4096)
@@ -719,6 +738,7 @@ SCENARIOS = {
     "slow-reader-closed": _slow_reader(close=True),
     "drain-inline": drain_inline,
     "drain-inline-then-close": drain_inline_then_close,
+    "drain-and-message-in-one-poll": drain_and_message_in_one_poll,
     "write-buffer-full": write_buffer_full,
     "oversize-line": _oversize(Lines(max_size=16), b"ok\n" + b"x" * 100 + b"\n", [b"ok"]),
     "oversize-first": _oversize(Lines(max_size=16), b"x" * 100, []),
