@@ -180,9 +180,20 @@ int fm__frame(fm_loop *loop, fm_conn *c, const char *buf, size_t len,
             fm__emit(loop, FM_EV_MSG, c->slot, (uint32_t)at, (uint32_t)(at + m));
         }
         loop->stats.messages_in += (uint64_t)k;
+        if (k > 0)
+            c->msg_poll = loop->stats.polls;
         done += got;
         if (toolarge) {
             *consumed = done;
+            /* Messages of this connection are in this batch and Python has
+             * not seen them: a handler may switch the framing on one (the
+             * HTTP header, then Fixed(content_length)), and the bytes after
+             * it must then be split the new way, not judged by the old
+             * max_size.  So the verdict waits: STOP keeps the rest buffered
+             * for the next poll, which re-frames it with whatever framing is
+             * in force then and refuses it only if it is still too large. */
+            if (c->msg_poll == loop->stats.polls)
+                return FM_FRAME_STOP;
             return FM_FRAME_TOOLARGE;
         }
         if (k < room) {

@@ -83,6 +83,7 @@ struct fm_conn {
     fm_idle_list *idle;
     fm_conn *idle_prev, *idle_next;
     int64_t last_in_ms;
+    uint64_t msg_poll;       /* stats.polls when it last framed a message */
 };
 
 struct fm_idle_list {

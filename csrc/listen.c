@@ -29,10 +29,17 @@ int fm_listener_add(fm_loop *loop, int fd, int framing, int64_t max_connections)
 {
     struct epoll_event ev;
     fm_listener *l;
-    int lid;
+    int lid, flags;
 
     if (framing < 0 || framing >= loop->nframings)
         return -EINVAL;
+    /* Accepting until EAGAIN needs a non-blocking listener: a blocking one
+     * would block the whole poll in accept4 once the backlog is empty.  The
+     * fd is borrowed, but its flags are ours to set (as the select backend
+     * does). */
+    flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || (!(flags & O_NONBLOCK) && fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0))
+        return -errno;
     for (lid = 0; lid < loop->nlisteners; lid++)
         if (!loop->listeners[lid].active && loop->listeners[lid].nconns == 0)
             break;

@@ -24,8 +24,10 @@ Why this backend behaves like the edge-triggered C core
       report the fd in every poll and the loop would spin.  So read interest
       is registered only while the connection is actually being read, and
       write interest only while output is queued or a connect is pending.
-    * Listeners accept until EAGAIN with ACCEPT_BUDGET per poll; on
-      EMFILE/ENFILE their read interest is dropped for EMFILE_BACKOFF
+    * Listeners accept until EAGAIN with ACCEPT_BUDGET per poll.  Out of
+      resources (EMFILE, ENFILE, ENOBUFS, ENOMEM) the backlog is accepted and
+      closed with the reserve fd, as in csrc/listen.c; without a reserve (or
+      on another listener error) read interest is dropped for EMFILE_BACKOFF
       seconds, so a full fd table cannot make the loop spin.
     * Each fd is served at most once per poll, whether it was reported by the
       selector, is on the ready list, or both.
@@ -128,8 +130,8 @@ class _Conn:
         "cid", "sock", "fd", "spec", "inbuf", "framed", "too_large", "outbuf",
         "connecting", "paused",
         "eof_seen", "eof_done", "err", "closing", "shut_req", "shut_done",
-        "over_high", "high", "low", "max_wbuf", "idle", "deadline", "listener",
-        "mask", "live",
+        "over_high", "drain_due", "high", "low", "max_wbuf", "idle", "deadline",
+        "listener", "mask", "live", "msg_poll",
     )
 
     def __init__(self, cid: int, sock: socket.socket, spec: Framing,
@@ -153,6 +155,9 @@ class _Conn:
         self.shut_req = False  # shutdown(): SHUT_WR once the queue is empty
         self.shut_done = False
         self.over_high = False  # queue exceeded `high`; EV_DRAIN owed
+        # send() drained the queue between polls: EV_DRAIN goes out from the
+        # next poll's ready list, unless close() comes first (FM_C_DRAIN_DUE).
+        self.drain_due = False
         self.high = DEFAULT_HIGH
         self.low = DEFAULT_LOW
         self.max_wbuf = 0
@@ -161,6 +166,7 @@ class _Conn:
         self.listener: Optional[_Listener] = None
         self.mask = 0  # the events currently registered with the selector
         self.live = True
+        self.msg_poll = 0  # the poll that last emitted a message of it
 
 
 class _Listener:
@@ -370,6 +376,7 @@ class SelectBackend:
     def _dispatch(self, ready: List[Tuple[selectors.SelectorKey, int]]) -> None:
         """Serve what select reported plus the ready lists, each fd once."""
         readable: List[_Conn] = []
+        flush_later: List[_Conn] = []
         listeners: Dict[int, _Listener] = self._ready_l
         self._ready_l = {}
         for key, mask in ready:
@@ -381,7 +388,14 @@ class SelectBackend:
                     if tag.connecting:
                         self._on_connected(tag)
                     elif tag.outbuf:
-                        self._flush(tag)
+                        # As fm__conn_io: a readable connection is read
+                        # before it is flushed (its messages come before
+                        # the EV_DRAIN of that flush) -- unless it is on the
+                        # ready list, which reads it after the flush.
+                        if mask & _EV_R and tag.cid not in self._ready:
+                            flush_later.append(tag)
+                        else:
+                            self._flush(tag)
                 if mask & _EV_R and tag.live:
                     readable.append(tag)
             elif isinstance(tag, _Listener):
@@ -404,6 +418,9 @@ class SelectBackend:
             todo.setdefault(c.cid, c)
         for c in todo.values():
             self._service(c)
+        for c in flush_later:
+            if c.live and c.outbuf:
+                self._flush(c)
 
     def _drain_wake(self) -> None:
         try:
@@ -552,7 +569,7 @@ class SelectBackend:
                     code = _errno_of(exc)
                     if code in _ACCEPT_SKIP:
                         continue
-                    if code in (errno.EMFILE, errno.ENFILE):
+                    if code in _ACCEPT_EXHAUSTED:  # as fm__listener_io
                         self._emfile += 1
                         if self._shed_backlog(lsock):
                             return
@@ -735,7 +752,18 @@ class SelectBackend:
 
     def _service(self, c: _Conn) -> None:
         """Read, frame and report one connection, as the C core's drain does."""
-        if not c.live or c.paused or c.closing or c.connecting:
+        if not c.live:
+            return
+        if c.drain_due:
+            # Owed by send() (fm__conn_process): before any read, and even
+            # while paused; a closing connection gets no EV_DRAIN.
+            if self._room() <= 0:
+                self._ready[c.cid] = c
+                return
+            c.drain_due = False
+            if not c.closing:
+                self._emit(EV_DRAIN, c.cid, 0, 0)
+        if c.paused or c.closing or c.connecting:
             return
         if self._room() <= 0:
             self._ready[c.cid] = c
@@ -821,10 +849,19 @@ class SelectBackend:
             while framed and room > 0:
                 put(EV_MSG, cid, 0, 0, framed.popleft())
                 room -= 1
+            c.msg_poll = self._polls
             if framed:
                 self._ready[cid] = c
                 return False
         if c.too_large:
+            if c.msg_poll == self._polls:
+                # As csrc/framing.c: the loop has not dispatched the messages
+                # before it, and a handler may switch the framing on one of
+                # them (an HTTP header, then Fixed(content_length)).  The
+                # verdict waits for the next poll, with the rest buffered;
+                # set_framing re-splits it, otherwise it is refused then.
+                self._ready[cid] = c
+                return False
             self._kill(c, 0, R_TOOLARGE)
             return False
         return True
@@ -848,7 +885,8 @@ class SelectBackend:
         c = self._live(cid)
         if c is not None and not c.paused:
             c.paused = True
-            self._ready.pop(cid, None)
+            if not c.drain_due:  # an owed EV_DRAIN still goes out
+                self._ready.pop(cid, None)
             self._update(c)
 
     def resume(self, cid: int) -> None:
@@ -941,7 +979,12 @@ class SelectBackend:
     def _after_write(self, c: _Conn) -> None:
         if c.over_high and len(c.outbuf) <= c.low:
             c.over_high = False
-            self._emit(EV_DRAIN, c.cid, 0, 0)
+            if not self._in_poll:
+                # From send(): owed, delivered by the next poll (see _service).
+                c.drain_due = True
+                self._ready[c.cid] = c
+            elif not c.closing:  # as fm__after_flush: none while closing
+                self._emit(EV_DRAIN, c.cid, 0, 0)
         if not c.outbuf and not c.connecting:
             if c.closing:
                 self._finish_close(c)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import Factory, Peer, Recorder, run_until
+from support import Factory, Peer, Recorder, pattern, run_until
 
 import fastmux
 from fastmux import Delimiter, Fixed, LengthPrefixed, Lines, Raw
@@ -168,3 +168,56 @@ def test_random_streams_match_model(backend, spec, msgs, cuts):
             assert fac[0].messages == expected
         finally:
             p.close()
+
+
+# --- set_framing on bytes of the same read: the README's HTTP pattern ---------
+
+HTTP_HEAD = Delimiter(b"\r\n\r\n", max_size=8192)
+
+
+class HttpLike(Recorder):
+    """Headers by delimiter, then Fixed(Content-Length) for the body."""
+
+    in_body = False
+
+    def on_message(self, conn, data):
+        super().on_message(conn, data)
+        self.in_body = not self.in_body
+        if self.in_body:
+            conn.set_framing(Fixed(int(data.split(b"Content-Length: ")[1])))
+        else:
+            conn.set_framing(HTTP_HEAD)
+
+
+@pytest.mark.parametrize("body_size, requests", [(16 * 1024, 3), (2 * 1024 * 1024, 1)],
+                         ids=["16KiB", "2MiB"])
+def test_http_header_and_large_body_in_one_write(loop, peers, body_size, requests):
+    """Header and a body larger than the header framing's max_size, sent in
+    one write (so read together): the switch to Fixed(n) in on_message
+    applies to the body, which is not judged by the old max_size."""
+    fac = Factory(HttpLike)
+    server = loop.listen(("127.0.0.1", 0), fac, framing=HTTP_HEAD)
+    p = peers.connect(server.address)
+    expected = []
+    for k in range(requests):
+        body = pattern(body_size, seed=k)
+        expected += [b"POST /%d HTTP/1.1\r\nContent-Length: %d" % (k, body_size), body]
+    p.send(b"".join(m + (b"\r\n\r\n" if i % 2 == 0 else b"") for i, m in enumerate(expected)))
+    run_until(loop, lambda: fac.made and (len(fac[0].messages) == len(expected) or fac[0].closed),
+              peers=[p], what="every request")
+    h = fac[0]
+    assert not h.closed, h.close_exc
+    assert [len(m) for m in h.messages] == [len(m) for m in expected]
+    assert h.messages == expected
+
+
+def test_oversize_after_a_message_still_refused(loop, peers):
+    """Without a switch the same input is refused: the message before it is
+    delivered, then on_close gets MessageTooLarge."""
+    fac = Factory(Recorder)
+    server = loop.listen(("127.0.0.1", 0), fac, framing=HTTP_HEAD)
+    p = peers.connect(server.address)
+    p.send(b"GET / HTTP/1.1\r\n\r\n" + b"x" * (16 * 1024))
+    run_until(loop, lambda: fac.made and fac[0].closed, peers=[p])
+    assert fac[0].messages == [b"GET / HTTP/1.1"]
+    fac[0].assert_closed_once(fastmux.MessageTooLarge)
