@@ -41,7 +41,8 @@ import pytest
 from support import DEADLINE, Peer, pattern, set_sockopt_on_fd
 
 from fastmux import Delimiter, Fixed, LengthPrefixed, Lines, Raw
-from fastmux._backend import (
+from fastmux._backend import epoll_available, make_backend
+from fastmux._constants import (
     EV_ACCEPT,
     EV_CLOSED,
     EV_CONNECTED,
@@ -53,8 +54,6 @@ from fastmux._backend import (
     R_NONE,
     R_TOOLARGE,
     R_WBUFFULL,
-    epoll_available,
-    make_backend,
 )
 from fastmux._framing import Framing, split
 
@@ -78,6 +77,7 @@ class Harness:
         self.b: Any = make_backend(name)
         self.trace: list[Event] = []
         self.cids: list[int] = []  # connection index -> backend id
+        self.fds: list[int] = []  # connection index -> its fd (the backend's)
         self.index: dict[int, int] = {}  # live backend id -> connection index
         self.spec: list[Framing] = []  # connection index -> current framing
         self.closed: set[int] = set()
@@ -125,13 +125,15 @@ class Harness:
 
     def conn_add(self, sock: socket.socket, spec: Framing, connecting: bool) -> int:
         """Hand `sock` to the backend; returns its connection index."""
-        cid = self.b.conn_add(sock.detach(), self.fid(spec), connecting)
+        fd = sock.detach()
+        cid = self.b.conn_add(fd, self.fid(spec), connecting)
         assert cid >= 0
-        return self._new_index(cid, spec)
+        return self._new_index(cid, spec, fd)
 
-    def _new_index(self, cid: int, spec: Framing) -> int:
+    def _new_index(self, cid: int, spec: Framing, fd: int) -> int:
         self.index[cid] = len(self.cids)
         self.cids.append(cid)
+        self.fds.append(fd)  # the backend's: only looked at, never closed here
         self.spec.append(spec)
         return len(self.cids) - 1
 
@@ -163,7 +165,7 @@ class Harness:
         name = KINDS[kind]
         payload: Any = None
         if kind == EV_ACCEPT:
-            i = self._new_index(ident, self.lspec[self.lids[start]])
+            i = self._new_index(ident, self.lspec[self.lids[start]], end)
             payload = self.lids[start]
         else:
             i = self.index[ident]
@@ -242,13 +244,13 @@ class Harness:
         """Wait (bounded) until the kernel reports connection i's socket
         reset or hung up; poll(2) on the fd changes nothing in it."""
         p = select.poll()
-        p.register(self.b.conn_fd(self.cid(i)), select.POLLERR | select.POLLHUP)
+        p.register(self.fds[i], select.POLLERR | select.POLLHUP)
         assert p.poll(DEADLINE * 1000), f"{self.name}: no hang-up on connection {i}"
 
     def small_sndbuf(self, i: int) -> None:
         """Make the server side of connection i buffer little, so that a
         peer that does not read leaves output queued in the backend."""
-        set_sockopt_on_fd(self.b.conn_fd(self.cid(i)), socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        set_sockopt_on_fd(self.fds[i], socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
 
     # --- reading the trace ---------------------------------------------------
 
