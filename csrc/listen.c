@@ -156,10 +156,31 @@ void fm__listener_io(fm_loop *loop, int lid)
                     loop->listeners_ready = 1;
                 }
                 return;
-            default:
-                /* ECONNABORTED, EINTR and the network errors accept(2)
-                 * passes through: this connection is gone, go on. */
+            case EINTR:
+            case ECONNABORTED:
+            case EPROTO:
+            case ENETDOWN:
+            case ENOPROTOOPT:
+            case EHOSTDOWN:
+#ifdef ENONET
+            case ENONET:
+#endif
+            case EHOSTUNREACH:
+            case EOPNOTSUPP:
+            case ENETUNREACH:
+            case EPERM:
+            case ECONNRESET:
+                /* This connection died in the backlog, or accept(2) passed
+                 * a pending network error through: go on with the next. */
                 continue;
+            default:
+                /* The listener itself is unusable (EBADF, EINVAL, ...):
+                 * retrying at once would spin, so back off as for EMFILE
+                 * (the select backend does the same). */
+                l->backoff_until = fm__now_ms() + FM_EMFILE_BACKOFF_MS;
+                l->ready = 1;
+                loop->listeners_ready = 1;
+                return;
             }
         }
         if (l->max_conns >= 0 && l->nconns >= l->max_conns) {

@@ -29,8 +29,12 @@ Reading (edge-triggered rules, identical on both backends)
     * Bytes are split by the connection's framing (see ``framing_new``);
       complete messages become EV_MSG, an incomplete tail is kept.  A message
       over ``max_size`` (or a length header announcing more) closes the
-      connection at once: messages before it are delivered, then
-      EV_CLOSED(start=0, end=R_TOOLARGE).
+      connection: messages before it are delivered, then
+      EV_CLOSED(start=0, end=R_TOOLARGE).  When messages of that connection
+      precede it in the same batch, the verdict waits one poll, because
+      their handler may change the framing (a header, then ``Fixed(n)``
+      for its body); the next poll splits the rest with whatever framing is
+      then in force.
     * Peer FIN: after every complete message, one EV_EOF (the incomplete
       tail is discarded).  The connection stays writable.  EV_EOF is not
       delivered while the connection is paused.
