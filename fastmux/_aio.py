@@ -23,6 +23,7 @@ selector, so it behaves as asyncio does on every supported Python.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import selectors
@@ -188,8 +189,14 @@ class _Listener:
         self._lid = lid
         self._protocol_factory = protocol_factory
         self._server = server
+        # As asyncio's accept path does: connections are made in (a copy of)
+        # the context that started serving, so their protocols see it.
+        self._context = contextvars.copy_context()
 
     def _factory(self) -> "_StreamTransport":
+        return self._context.run(self._make_transport)
+
+    def _make_transport(self) -> "_StreamTransport":
         return _StreamTransport(self._loop, self._protocol_factory(), None, self._server, None)
 
     def close(self) -> None:
@@ -204,7 +211,12 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
     The native loop calls the Handler methods (on_open, on_message, on_eof,
     on_drain, on_close) from its dispatch; they call the protocol.  Writes go
     to the connection's per-iteration buffer and leave in one send at the end
-    of the iteration; ``get_write_buffer_size`` counts them until then."""
+    of the iteration; ``get_write_buffer_size`` counts them until then.
+
+    The native loop calls the handler from its dispatch, outside any task;
+    the protocol's callbacks run in a copy of the context the transport was
+    made in (``_call``), as asyncio's Handles run them, so that context
+    variables set around create_server/create_connection reach them."""
 
     _start_tls_compatible = True
     _sendfile_compatible = constants._SendfileMode.FALLBACK
@@ -225,6 +237,8 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         self._unsent = 0  # bytes written this iteration, not yet handed to the core
         self._queued = 0  # the core's queue when this iteration's first write came
         self._protocol_connected = False
+        self._context = contextvars.copy_context()
+        self._in_context = False
         self.set_protocol(protocol)
         if server is not None:
             if _SERVER_TRACKS_TRANSPORTS:
@@ -233,6 +247,17 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
                 server._attach()
 
     # -- the native connection's handler ---------------------------------------
+
+    def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` in the transport's context; directly when already in
+        it (Context.run refuses to enter a context twice)."""
+        if self._in_context:
+            return fn(*args)
+        self._in_context = True
+        try:
+            return self._context.run(fn, *args)
+        finally:
+            self._in_context = False
 
     def on_open(self, conn: Connection) -> None:
         self._conn = conn
@@ -249,7 +274,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             loop.call_soon(self._start_reading)
         elif self._paused:
             conn.pause_reading()
-        self._protocol.connection_made(self)
+        self._call(self._protocol.connection_made, self)
         if waiter is not None and not waiter.cancelled():
             waiter.set_result(None)
 
@@ -260,7 +285,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
 
     def on_message(self, conn: Connection, data: bytes) -> None:
         try:
-            self._data_received(data)
+            self._call(self._data_received, data)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -283,7 +308,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
 
     def on_eof(self, conn: Connection) -> Optional[bool]:
         try:
-            keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+            keep_open = self._call(self._protocol.eof_received)  # type: ignore[attr-defined]
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -294,7 +319,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         return True  # closing is ours to do
 
     def on_drain(self, conn: Connection) -> None:
-        self._maybe_resume_protocol()
+        self._call(self._maybe_resume_protocol)
 
     def on_close(self, conn: Connection, exc: Optional[BaseException]) -> None:
         loop = self._aloop
@@ -311,7 +336,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
                     waiter.set_exception(exc if exc is not None else ConnectionError(
                         "connection closed before it was established"))
             elif self._protocol_connected and loop is not None and not loop.is_closed():
-                self._protocol.connection_lost(exc)  # type: ignore[arg-type]
+                self._call(self._protocol.connection_lost, exc)
         finally:
             if self._sock is not None:
                 self._sock.detach()  # the core closed the fd
