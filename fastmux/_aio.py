@@ -232,6 +232,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         self._waiter = waiter
         self._closing = False
         self._eof = False
+        self._eof_pending = False  # the core saw EOF; eof_received not called yet
         self._paused = False
         self._conn_lost = 0
         self._unsent = 0  # bytes written this iteration, not yet handed to the core
@@ -307,16 +308,31 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
                 return  # closed from buffer_updated: the rest is not wanted
 
     def on_eof(self, conn: Connection) -> Optional[bool]:
+        # asyncio's loop reads the EOF with a recv of its own, an iteration
+        # after the data before it at the earliest, so what data_received
+        # scheduled runs first -- an HTTP server's request task writes its
+        # response before eof_received closes on a client's half-close.  The
+        # core drains data and EOF in one go: hand the EOF over in a callback
+        # of its own, queued behind those.
+        self._eof_pending = True
+        loop = self._aloop
+        if loop is not None:
+            loop.call_soon(self._deliver_eof)
+        return True  # closing is ours to do
+
+    def _deliver_eof(self) -> None:
+        if not self._eof_pending or self._closing or self._paused:
+            return  # closed since; or paused since: resume_reading hands it over
+        self._eof_pending = False
         try:
             keep_open = self._call(self._protocol.eof_received)  # type: ignore[attr-defined]
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
-            return True
+            return
         if not keep_open:
             self.close()
-        return True  # closing is ours to do
 
     def on_drain(self, conn: Connection) -> None:
         self._call(self._maybe_resume_protocol)
@@ -381,6 +397,8 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         self._paused = False
         if self._conn is not None:
             self._conn.resume_reading()
+        if self._eof_pending and self._aloop is not None:
+            self._aloop.call_soon(self._deliver_eof)
 
     def write(self, data: Any) -> None:
         if type(data) is not bytes:
