@@ -23,6 +23,7 @@ selector, so it behaves as asyncio does on every supported Python.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import selectors
@@ -188,8 +189,14 @@ class _Listener:
         self._lid = lid
         self._protocol_factory = protocol_factory
         self._server = server
+        # As asyncio's accept path does: connections are made in (a copy of)
+        # the context that started serving, so their protocols see it.
+        self._context = contextvars.copy_context()
 
     def _factory(self) -> "_StreamTransport":
+        return self._context.run(self._make_transport)
+
+    def _make_transport(self) -> "_StreamTransport":
         return _StreamTransport(self._loop, self._protocol_factory(), None, self._server, None)
 
     def close(self) -> None:
@@ -204,7 +211,12 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
     The native loop calls the Handler methods (on_open, on_message, on_eof,
     on_drain, on_close) from its dispatch; they call the protocol.  Writes go
     to the connection's per-iteration buffer and leave in one send at the end
-    of the iteration; ``get_write_buffer_size`` counts them until then."""
+    of the iteration; ``get_write_buffer_size`` counts them until then.
+
+    The native loop calls the handler from its dispatch, outside any task;
+    the protocol's callbacks run in a copy of the context the transport was
+    made in (``_call``), as asyncio's Handles run them, so that context
+    variables set around create_server/create_connection reach them."""
 
     _start_tls_compatible = True
     _sendfile_compatible = constants._SendfileMode.FALLBACK
@@ -220,10 +232,13 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         self._waiter = waiter
         self._closing = False
         self._eof = False
+        self._eof_pending = False  # the core saw EOF; eof_received not called yet
         self._paused = False
         self._conn_lost = 0
         self._unsent = 0  # bytes written this iteration, not yet handed to the core
         self._protocol_connected = False
+        self._context = contextvars.copy_context()
+        self._in_context = False
         self.set_protocol(protocol)
         if server is not None:
             if _SERVER_TRACKS_TRANSPORTS:
@@ -232,6 +247,17 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
                 server._attach()
 
     # -- the native connection's handler ---------------------------------------
+
+    def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` in the transport's context; directly when already in
+        it (Context.run refuses to enter a context twice)."""
+        if self._in_context:
+            return fn(*args)
+        self._in_context = True
+        try:
+            return self._context.run(fn, *args)
+        finally:
+            self._in_context = False
 
     def on_open(self, conn: Connection) -> None:
         self._conn = conn
@@ -248,7 +274,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             loop.call_soon(self._start_reading)
         elif self._paused:
             conn.pause_reading()
-        self._protocol.connection_made(self)
+        self._call(self._protocol.connection_made, self)
         if waiter is not None and not waiter.cancelled():
             waiter.set_result(None)
 
@@ -259,7 +285,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
 
     def on_message(self, conn: Connection, data: bytes) -> None:
         try:
-            self._data_received(data)
+            self._call(self._data_received, data)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -281,19 +307,34 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
                 return  # closed from buffer_updated: the rest is not wanted
 
     def on_eof(self, conn: Connection) -> Optional[bool]:
+        # asyncio's loop reads the EOF with a recv of its own, an iteration
+        # after the data before it at the earliest, so what data_received
+        # scheduled runs first -- an HTTP server's request task writes its
+        # response before eof_received closes on a client's half-close.  The
+        # core drains data and EOF in one go: hand the EOF over in a callback
+        # of its own, queued behind those.
+        self._eof_pending = True
+        loop = self._aloop
+        if loop is not None:
+            loop.call_soon(self._deliver_eof)
+        return True  # closing is ours to do
+
+    def _deliver_eof(self) -> None:
+        if not self._eof_pending or self._closing or self._paused:
+            return  # closed since; or paused since: resume_reading hands it over
+        self._eof_pending = False
         try:
-            keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+            keep_open = self._call(self._protocol.eof_received)  # type: ignore[attr-defined]
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
-            return True
+            return
         if not keep_open:
             self.close()
-        return True  # closing is ours to do
 
     def on_drain(self, conn: Connection) -> None:
-        self._maybe_resume_protocol()
+        self._call(self._maybe_resume_protocol)
 
     def on_close(self, conn: Connection, exc: Optional[BaseException]) -> None:
         loop = self._aloop
@@ -310,7 +351,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
                     waiter.set_exception(exc if exc is not None else ConnectionError(
                         "connection closed before it was established"))
             elif self._protocol_connected and loop is not None and not loop.is_closed():
-                self._protocol.connection_lost(exc)  # type: ignore[arg-type]
+                self._call(self._protocol.connection_lost, exc)
         finally:
             if self._sock is not None:
                 self._sock.detach()  # the core closed the fd
@@ -355,6 +396,8 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         self._paused = False
         if self._conn is not None:
             self._conn.resume_reading()
+        if self._eof_pending and self._aloop is not None:
+            self._aloop.call_soon(self._deliver_eof)
 
     def write(self, data: Any) -> None:
         if type(data) is not bytes:
