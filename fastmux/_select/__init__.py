@@ -50,11 +50,15 @@ the other (tests/test_conformance.py keeps the two equal):
 
     internal.py  csrc/internal.h   the slots (_Conn, _Listener, _Watch), the
                                    fields the files share, their prototypes
-    loop.py      csrc/loop.c       SelectBackend: poll, the batch, ready
-                                   lists, wake-up, watches, fork and close
-    stream.py    csrc/stream.c     a connection: read, frame, write, flush,
-                                   drain, half-close, close and abort
-    listen.py    csrc/listen.c     listeners: accept, EMFILE shedding, back-off
+    loop.py      csrc/loop.c       SelectBackend: poll (_poll_begin,
+                                   _flush_dying, _dispatch, _run_ready), the
+                                   batch (_emit), wake-up, watches,
+                                   after_fork, close_all
+    stream.py    csrc/stream.c     a connection: _conn_process, _conn_read,
+                                   _conn_recv, _frame_buffered, send, _flush,
+                                   _after_flush, close, _conn_kill, _idle_sweep
+    listen.py    csrc/listen.c     listeners: _listener_io, _shed_backlog
+                                   (fm__emfile), the back-off
     fastmux/_framing.py  csrc/framing.c  the reference framer
 """
 

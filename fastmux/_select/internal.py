@@ -200,7 +200,7 @@ class Core:
     def _nodelay(sock: socket.socket) -> None:
         raise NotImplementedError
 
-    def _new_conn(self, sock: socket.socket, spec: Framing, connecting: bool) -> _Conn:
+    def _conn_new(self, sock: socket.socket, spec: Framing, connecting: bool) -> _Conn:
         raise NotImplementedError
 
     def _set_idle(self, c: _Conn, idle: float) -> None:

@@ -81,14 +81,17 @@ class ListenPart(Core):
         self._free_lids.append(lid)
 
     def _reenable_listeners(self, now: float) -> None:
+        """End the back-offs that are over and serve those listeners this
+        poll (the back-off half of fm__listeners_run)."""
         for lis in self._listeners.values():
             if lis.resume_at is not None and lis.resume_at <= now:
                 lis.resume_at = None
                 self._set_mask(lis, _EV_R)
                 self._ready_l[lis.lid] = lis
 
-    def _accept(self, lis: _Listener) -> None:
-        """Accept until EAGAIN, at most ACCEPT_BUDGET, while the batch has room."""
+    def _listener_io(self, lis: _Listener) -> None:
+        """Accept until EAGAIN, at most ACCEPT_BUDGET, while the batch has
+        room (fm__listener_io)."""
         # A short-lived socket object around the borrowed fd, detached in
         # `finally` so that nothing (not even an exception or the garbage
         # collector) can close the caller's listener.
@@ -133,7 +136,8 @@ class ListenPart(Core):
     def _shed_backlog(self, lsock: socket.socket) -> bool:
         """Out of fds: close the reserve fd, accept and close every pending
         connection (the peers see an orderly close, not a hang), reopen the
-        reserve.  False if there was no reserve fd (back off instead)."""
+        reserve.  False if there was no reserve fd (back off instead).
+        As fm__emfile, which also counts the EMFILE (here the caller does)."""
         if self._reserve < 0:
             self._reserve = self._open_reserve()
             return False
@@ -169,7 +173,7 @@ class ListenPart(Core):
             sock.close()
             return
         self._nodelay(sock)
-        c = self._new_conn(sock, lis.spec, False)
+        c = self._conn_new(sock, lis.spec, False)
         c.listener = lis
         lis.open += 1
         self._accepted += 1

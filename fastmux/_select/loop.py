@@ -120,6 +120,26 @@ class SelectBackend(StreamPart, ListenPart):
         return the batch ``(n, ev, blob)`` (see _backend.py)."""
         if self._closed:
             return 0, [], b""
+        self._poll_begin()
+        self._in_poll = True
+        try:
+            self._flush_dying()
+            ready = self._sel.select(self._wait_time(timeout))
+            self._now = now = time.monotonic()
+            self._reenable_listeners(now)
+            self._dispatch(ready)
+            self._idle_sweep(now)
+        finally:
+            self._in_poll = False
+        ev = self._ev
+        self._ev = []
+        blob = b"".join(self._parts)
+        self._parts = []
+        return len(ev) >> 2, ev, blob
+
+    def _poll_begin(self) -> None:
+        """Start a poll: free the ids closed in the last batch, empty the
+        batch (the first half of fm__poll_begin)."""
         # The loop has dispatched the previous batch: the ids it closed are
         # now safe to reuse.
         for cid in self._free_cids:
@@ -136,23 +156,13 @@ class SelectBackend(StreamPart, ListenPart):
         self._ev = []
         self._parts = []
         self._off = 0
-        self._in_poll = True
-        try:
-            # Events queued since the last poll happened first.
-            while self._pending and len(self._ev) < 4 * BATCH_MAX:
-                self._put(*self._pending.popleft())
-            ready = self._sel.select(self._wait_time(timeout))
-            self._now = now = time.monotonic()
-            self._reenable_listeners(now)
-            self._dispatch(ready)
-            self._check_idle(now)
-        finally:
-            self._in_poll = False
-        ev = self._ev
-        self._ev = []
-        blob = b"".join(self._parts)
-        self._parts = []
-        return len(ev) >> 2, ev, blob
+
+    def _flush_dying(self) -> None:
+        """Events queued since the last poll happened first: they lead the
+        batch (fm__flush_dying; ``_pending`` is the twin of the dying list,
+        and also holds whatever did not fit in a full batch)."""
+        while self._pending and len(self._ev) < 4 * BATCH_MAX:
+            self._put(*self._pending.popleft())
 
     def _wait_time(self, timeout: float | None) -> float | None:
         """How long select may block: not at all if there is work already,
@@ -209,16 +219,22 @@ class SelectBackend(StreamPart, ListenPart):
                 self._drain_wake()
         for lis in listeners.values():
             if lis.live and lis.resume_at is None:
-                self._accept(lis)
+                self._listener_io(lis)
+        self._run_ready(readable)
+        for c in flush_later:
+            if c.live and c.outbuf:
+                self._flush(c)
+
+    def _run_ready(self, readable: List[_Conn]) -> None:
+        """Serve the ready list, then the connections select reported
+        readable that are not on it (fm__run_ready; the C core reads those
+        in fm__conn_io, here they join the list so each is served once)."""
         todo = self._ready
         self._ready = {}
         for c in readable:
             todo.setdefault(c.cid, c)
         for c in todo.values():
-            self._service(c)
-        for c in flush_later:
-            if c.live and c.outbuf:
-                self._flush(c)
+            self._conn_process(c)
 
     def _drain_wake(self) -> None:
         try:

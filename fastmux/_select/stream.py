@@ -30,10 +30,6 @@ from .._constants import (
 from .._framing import Framing, split_until_error
 from .internal import _EV_R, _EV_W, Core, _Conn, _errno_of
 
-# Unread input discarded before a graceful close (DISCARD_MAX bytes), so
-# that close() sends a FIN rather than a RST (which could destroy the output
-# just flushed); bounded so that a fire-hose peer cannot hold the loop.
-
 _MSG_NOSIGNAL: int = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
@@ -50,7 +46,8 @@ class StreamPart(Core):
             except OSError:
                 pass  # not TCP after all (e.g. SCTP); nothing to tune
 
-    def _new_conn(self, sock: socket.socket, spec: Framing, connecting: bool) -> _Conn:
+    def _conn_new(self, sock: socket.socket, spec: Framing, connecting: bool) -> _Conn:
+        """As fm__conn_new."""
         cid = self._cids.take()
         c = _Conn(cid, sock, spec, connecting)
         self._conns[cid] = c
@@ -58,7 +55,8 @@ class StreamPart(Core):
         self._update(c)
         return c
 
-    def _live(self, cid: int) -> Optional[_Conn]:
+    def _conn_get(self, cid: int) -> Optional[_Conn]:
+        """As fm__conn_get."""
         c = self._conns.get(cid)
         return c if c is not None and c.live else None
 
@@ -79,19 +77,20 @@ class StreamPart(Core):
             return -_errno_of(exc)
         self._nodelay(sock)
         try:
-            c = self._new_conn(sock, spec, connecting)
+            c = self._conn_new(sock, spec, connecting)
         except (KeyError, ValueError, OSError):
             sock.detach()
             return -errno.EEXIST
         return c.cid
 
     def conn_set(self, cid: int, max_write_buffer: int, idle_timeout: float) -> None:
-        c = self._live(cid)
+        c = self._conn_get(cid)
         if c is not None:
             c.max_wbuf = max_write_buffer
             self._set_idle(c, idle_timeout)
 
     def _set_idle(self, c: _Conn, idle: float) -> None:
+        """As fm__idle_set."""
         c.idle = idle if idle > 0 else 0.0
         if c.idle:
             c.deadline = time.monotonic() + c.idle
@@ -128,22 +127,24 @@ class StreamPart(Core):
         self._ready.pop(c.cid, None)
         self._idle.pop(c.cid, None)
 
-    def _kill(self, c: _Conn, err: int, reason: int) -> None:
-        """Close now and report EV_CLOSED(err, reason)."""
+    def _conn_kill(self, c: _Conn, err: int, reason: int) -> None:
+        """Close now and report EV_CLOSED(err, reason) (fm__conn_kill)."""
         if c.live:
             self._release(c)
             self._emit(EV_CLOSED, c.cid, err, reason)
 
-    def _check_idle(self, now: float) -> None:
+    def _idle_sweep(self, now: float) -> None:
+        """As fm__idle_sweep."""
         expired = [c for c in self._idle.values()
                    if not c.connecting and c.deadline <= now]
         for c in expired:
-            self._kill(c, 0, R_IDLE)
+            self._conn_kill(c, 0, R_IDLE)
 
     # -------------------------------------------------------------- reading
 
-    def _service(self, c: _Conn) -> None:
-        """Read, frame and report one connection, as the C core's drain does."""
+    def _conn_process(self, c: _Conn) -> None:
+        """Serve one connection from the ready list or the selector: an
+        owed EV_DRAIN, then read (fm__conn_process)."""
         if not c.live:
             return
         if c.drain_due:
@@ -155,6 +156,11 @@ class StreamPart(Core):
             c.drain_due = False
             if not c.closing:
                 self._emit(EV_DRAIN, c.cid, 0, 0)
+        self._conn_read(c)
+
+    def _conn_read(self, c: _Conn) -> None:
+        """Read and frame within the budget, then EOF or the read error
+        (fm__conn_read, fm__maybe_eof)."""
         if c.paused or c.closing or c.connecting:
             return
         if self._room() <= 0:
@@ -163,15 +169,15 @@ class StreamPart(Core):
         # A backlog of framed messages (left by a full batch) goes first,
         # and nothing is read until it is out: that bounds the input
         # buffered per connection.
-        if (c.framed or c.too_large) and not self._frame(c):
+        if (c.framed or c.too_large) and not self._frame_buffered(c):
             return
         more = False
         if not (c.eof_seen or c.err):
-            more = self._read(c)
-        if not self._frame(c):
+            more = self._conn_recv(c)
+        if not self._frame_buffered(c):
             return
         if c.err:
-            self._kill(c, c.err, R_ERROR)
+            self._conn_kill(c, c.err, R_ERROR)
             return
         if c.eof_seen and not c.eof_done:
             if self._room() <= 0:
@@ -185,9 +191,11 @@ class StreamPart(Core):
         if more:
             self._ready[c.cid] = c
 
-    def _read(self, c: _Conn) -> bool:
+    def _conn_recv(self, c: _Conn) -> bool:
         """Read up to READ_BUDGET bytes; True if stopped by the budget (the
-        connection may have more and goes on the ready list)."""
+        connection may have more and goes on the ready list).  The recv step
+        of fm__conn_read (fm__conn_recv), which frames after every chunk;
+        here the budget is read first and framed once."""
         sock = c.sock
         buf = c.inbuf
         budget = READ_BUDGET
@@ -224,8 +232,9 @@ class StreamPart(Core):
                 c.deadline = self._now + c.idle
         return more
 
-    def _frame(self, c: _Conn) -> bool:
-        """Emit the complete messages in c.framed, then c.inbuf.  False if
+    def _frame_buffered(self, c: _Conn) -> bool:
+        """Emit the complete messages in c.framed, then c.inbuf (as
+        fm__frame_buffered, which frames c->in).  False if
         the connection is done for this poll: it was closed, or the batch
         filled up (then it is on the ready list)."""
         if not c.framed and not c.too_large and c.inbuf:
@@ -254,7 +263,7 @@ class StreamPart(Core):
                 # set_framing re-splits it, otherwise it is refused then.
                 self._ready[cid] = c
                 return False
-            self._kill(c, 0, R_TOOLARGE)
+            self._conn_kill(c, 0, R_TOOLARGE)
             return False
         return True
 
@@ -274,7 +283,7 @@ class StreamPart(Core):
             self._ready[c.cid] = c
 
     def pause(self, cid: int) -> None:
-        c = self._live(cid)
+        c = self._conn_get(cid)
         if c is not None and not c.paused:
             c.paused = True
             if not c.drain_due:  # an owed EV_DRAIN still goes out
@@ -284,7 +293,7 @@ class StreamPart(Core):
     def resume(self, cid: int) -> None:
         """Read again; buffered bytes are framed by the next poll even if
         no new byte arrives (no edge would come for them)."""
-        c = self._live(cid)
+        c = self._conn_get(cid)
         if c is not None and not c.closing:
             c.paused = False
             self._update(c)
@@ -292,7 +301,7 @@ class StreamPart(Core):
 
     def set_framing(self, cid: int, framing: int) -> None:
         """Frame the bytes not yet framed with `framing` from now on."""
-        c = self._live(cid)
+        c = self._conn_get(cid)
         spec = self._spec(framing)
         if c is not None and spec is not None and not c.closing:
             self._unframe(c)
@@ -301,7 +310,7 @@ class StreamPart(Core):
 
     def pushback(self, cid: int, data: bytes, reemit_eof: bool) -> None:
         """Put `data` back in front of the unframed input and re-frame it."""
-        c = self._live(cid)
+        c = self._conn_get(cid)
         if c is None or c.closing:
             return
         self._unframe(c)
@@ -340,7 +349,7 @@ class StreamPart(Core):
                 return -err
         if 0 < c.max_wbuf < len(c.outbuf):
             # The peer does not read: drop the output and close.
-            self._kill(c, 0, R_WBUFFULL)
+            self._conn_kill(c, 0, R_WBUFFULL)
             return -errno.ENOBUFS
         self._update(c)
         return len(c.outbuf)
@@ -357,7 +366,7 @@ class StreamPart(Core):
                 break
             except OSError as exc:
                 code = _errno_of(exc)
-                self._kill(c, code, R_ERROR)
+                self._conn_kill(c, code, R_ERROR)
                 return code
             self._writes += 1
             self._bytes_out += n
@@ -365,14 +374,15 @@ class StreamPart(Core):
             del out[:n]
             if short:
                 break  # the send buffer is full; wait for writability
-        self._after_write(c)
+        self._after_flush(c)
         return 0
 
-    def _after_write(self, c: _Conn) -> None:
+    def _after_flush(self, c: _Conn) -> None:
+        """As fm__after_flush."""
         if c.over_high and len(c.outbuf) <= c.low:
             c.over_high = False
             if not self._in_poll:
-                # From send(): owed, delivered by the next poll (see _service).
+                # From send(): owed, delivered by the next poll (see _conn_process).
                 c.drain_due = True
                 self._ready[c.cid] = c
             elif not c.closing:  # as fm__after_flush: none while closing
@@ -392,7 +402,7 @@ class StreamPart(Core):
     def _on_connected(self, c: _Conn) -> None:
         err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._kill(c, err, R_ERROR)
+            self._conn_kill(c, err, R_ERROR)
             return
         c.connecting = False
         if c.idle:
@@ -401,10 +411,10 @@ class StreamPart(Core):
         if c.outbuf:
             self._flush(c)
         else:
-            self._after_write(c)
+            self._after_flush(c)
 
     def set_write_limits(self, cid: int, high: int, low: int) -> None:
-        c = self._live(cid)
+        c = self._conn_get(cid)
         if c is not None:
             c.high = high
             c.low = low
@@ -412,14 +422,14 @@ class StreamPart(Core):
                 c.over_high = True
 
     def write_buffer_size(self, cid: int) -> int:
-        c = self._live(cid)
+        c = self._conn_get(cid)
         return len(c.outbuf) if c is not None else -errno.EBADF
 
     # -------------------------------------------------------------- closing
 
     def close(self, cid: int) -> None:
         """Stop reading, flush the queue, then close (EV_CLOSED follows)."""
-        c = self._live(cid)
+        c = self._conn_get(cid)
         if c is None or c.closing:
             return
         c.closing = True
@@ -433,8 +443,15 @@ class StreamPart(Core):
             self._finish_close(c)
 
     def _finish_close(self, c: _Conn) -> None:
-        # Unread input would make close() send a RST, which can destroy the
-        # output just flushed before the peer reads it: discard it first.
+        """As fm__finish_close."""
+        self._discard_input(c)
+        self._conn_kill(c, 0, R_NONE)
+
+    def _discard_input(self, c: _Conn) -> None:
+        """Read and drop unread input before a graceful close (at most
+        DISCARD_MAX bytes, so that a fire-hose peer cannot hold the loop):
+        unread input would make close() send a RST, which can destroy the
+        output just flushed before the peer reads it (fm__discard_input)."""
         left = DISCARD_MAX
         try:
             while left > 0:
@@ -444,20 +461,19 @@ class StreamPart(Core):
                 left -= len(data)
         except OSError:
             pass  # BlockingIOError (drained) or a reset: nothing to save
-        self._kill(c, 0, R_NONE)
 
     def abort(self, cid: int) -> None:
         """Close now, dropping queued output; EV_CLOSED(0, R_NONE) follows."""
-        c = self._live(cid)
+        c = self._conn_get(cid)
         if c is not None:
-            self._kill(c, 0, R_NONE)
+            self._conn_kill(c, 0, R_NONE)
 
     def shutdown(self, cid: int) -> None:
         """shutdown(SHUT_WR) once the queue is empty; later sends fail."""
-        c = self._live(cid)
+        c = self._conn_get(cid)
         if c is None or c.closing or c.shut_req:
             return
         c.shut_req = True
         if not c.outbuf and not c.connecting:
-            self._after_write(c)
+            self._after_flush(c)
 
