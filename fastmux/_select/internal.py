@@ -34,7 +34,7 @@ class _Conn:
         "connecting", "paused",
         "eof_seen", "eof_done", "err", "closing", "shut_req", "shut_done",
         "over_high", "drain_due", "high", "low", "max_wbuf", "idle", "deadline",
-        "listener", "mask", "live", "msg_poll",
+        "listener", "mask", "live", "msg_poll", "scan",
     )
 
     def __init__(self, cid: int, sock: socket.socket, spec: Framing,
@@ -44,6 +44,9 @@ class _Conn:
         self.fd = sock.fileno()
         self.spec = spec
         self.inbuf = bytearray()  # bytes read but not yet framed
+        # Delimiter: bytes at the start of inbuf known to hold no separator,
+        # so a search resumes where it stopped (c->scan in csrc/stream.c).
+        self.scan = 0
         # Messages framed but not yet delivered because the batch was full;
         # they precede inbuf.  Kept so that a backlog is split only once.
         self.framed: Deque[bytes] = deque()

@@ -27,7 +27,7 @@ from .._constants import (
     READ_BUDGET,
     READ_CHUNK,
 )
-from .._framing import Framing, split_until_error
+from .._framing import Framing, split_scan
 from .internal import _EV_R, _EV_W, Core, _Conn, _errno_of
 
 _MSG_NOSIGNAL: int = getattr(socket, "MSG_NOSIGNAL", 0)
@@ -185,6 +185,7 @@ class StreamPart(Core):
                 return
             # Every complete message is out: drop the incomplete tail.
             c.inbuf = bytearray()
+            c.scan = 0
             c.eof_done = True
             self._emit(EV_EOF, c.cid, 0, 0)
             return
@@ -238,7 +239,7 @@ class StreamPart(Core):
         the connection is done for this poll: it was closed, or the batch
         filled up (then it is on the ready list)."""
         if not c.framed and not c.too_large and c.inbuf:
-            msgs, used, err = split_until_error(c.spec, bytes(c.inbuf))
+            msgs, used, err, c.scan = split_scan(c.spec, c.inbuf, 0, c.scan)
             del c.inbuf[:used]
             c.framed.extend(msgs)
             c.too_large = err is not None
@@ -306,6 +307,7 @@ class StreamPart(Core):
         if c is not None and spec is not None and not c.closing:
             self._unframe(c)
             c.spec = spec
+            c.scan = 0
             self._make_ready(c)
 
     def pushback(self, cid: int, data: bytes, reemit_eof: bool) -> None:
@@ -315,6 +317,7 @@ class StreamPart(Core):
             return
         self._unframe(c)
         c.inbuf[:0] = data
+        c.scan = 0
         if reemit_eof and c.eof_done:
             c.eof_done = False
         self._make_ready(c)
