@@ -57,8 +57,8 @@ the other (tests/test_conformance.py keeps the two equal):
     stream.py    csrc/stream.c     a connection: _conn_process, _conn_read,
                                    _conn_recv, _frame_buffered, send, _flush,
                                    _after_flush, close, _conn_kill, _idle_sweep
-    listen.py    csrc/listen.c     listeners: _listener_io, _shed_backlog
-                                   (fm__emfile), the back-off
+    listen.py    csrc/listen.c     listeners: _listener_io, _on_accepted,
+                                   _shed_backlog (fm__emfile), the back-off
     fastmux/_framing.py  csrc/framing.c  the reference framer
 """
 

@@ -160,6 +160,7 @@ class ListenPart(Core):
         return True
 
     def _on_accepted(self, lis: _Listener, sock: socket.socket) -> None:
+        """As fm__on_accepted."""
         if 0 <= lis.max_conns <= lis.open:
             # At max_connections: refuse by closing at once; the loop is
             # not told (FM_R_REJECTED is never reported).
