@@ -31,87 +31,125 @@ static uint64_t fm__header(const unsigned char *p, uint32_t n, int little)
     return v;
 }
 
-/* Find up to maxout messages; see fm_split() in fastmux.h.  *scan carries,
- * for DELIM, how many bytes from the start are known to hold no separator,
- * so a message arriving in many reads is scanned once. */
-static int fm__split(const fm_framing *f, const char *buf, size_t len,
-                     size_t *scan, uint32_t *starts, uint32_t *ends,
-                     int maxout, size_t *consumed, int *toolarge)
+/* The splitters below find up to maxout messages in buf[0,len), store
+ * their [start, end) offsets, set *consumed past the last one and return
+ * how many they found; *toolarge is set at an oversized message. */
+
+static int fm__split_raw(size_t len, uint32_t *starts, uint32_t *ends, int maxout,
+                         size_t *consumed)
+{
+    if (len == 0 || maxout <= 0)
+        return 0;
+    starts[0] = 0;
+    ends[0] = (uint32_t)len;
+    *consumed = len;
+    return 1;
+}
+
+/* *scan carries how many bytes from the start are known to hold no
+ * separator, so a message arriving in many reads is scanned once. */
+static int fm__split_delim(const fm_framing *f, const char *buf, size_t len,
+                           size_t *scan, uint32_t *starts, uint32_t *ends,
+                           int maxout, size_t *consumed, int *toolarge)
+{
+    size_t pos = 0;
+    size_t from = *scan;
+    int k = 0;
+
+    while (k < maxout) {
+        const char *hit;
+        if (from < pos)
+            from = pos;
+        if (f->seplen == 1)
+            hit = memchr(buf + from, f->sep[0], len - from);
+        else
+            hit = memmem(buf + from, len - from, f->sep, f->seplen);
+        if (hit == NULL) {
+            /* Bytes that cannot start a separator are known clean. */
+            size_t clean = len >= f->seplen - 1 ? len - (f->seplen - 1) : 0;
+            *scan = clean > pos ? clean - pos : 0;
+            /* Written so that max near UINT64_MAX cannot wrap. */
+            if (len - pos > f->max && len - pos - f->max > f->seplen - 1)
+                *toolarge = 1;
+            break;
+        }
+        size_t at = (size_t)(hit - buf);
+        if (at - pos > f->max) {
+            *toolarge = 1;
+            break;
+        }
+        starts[k] = (uint32_t)pos;
+        ends[k] = (uint32_t)at;
+        k++;
+        pos = at + f->seplen;
+        from = pos;
+        *scan = 0;
+    }
+    if (k == maxout)
+        *scan = 0;
+    *consumed = pos;
+    return k;
+}
+
+static int fm__split_length(const fm_framing *f, const char *buf, size_t len,
+                            uint32_t *starts, uint32_t *ends, int maxout,
+                            size_t *consumed, int *toolarge)
 {
     size_t pos = 0;
     int k = 0;
 
-    *toolarge = 0;
-    switch (f->kind) {
-    case FM_FR_RAW:
-        if (len > 0 && maxout > 0) {
-            starts[0] = 0;
-            ends[0] = (uint32_t)len;
-            pos = len;
-            k = 1;
+    while (k < maxout && len - pos >= f->n) {
+        uint64_t m = fm__header((const unsigned char *)buf + pos, f->n, f->little);
+        if (m > f->max) {
+            *toolarge = 1;
+            break;
         }
-        break;
-    case FM_FR_DELIM: {
-        size_t from = *scan;
-        while (k < maxout) {
-            const char *hit;
-            if (from < pos)
-                from = pos;
-            if (f->seplen == 1)
-                hit = memchr(buf + from, f->sep[0], len - from);
-            else
-                hit = memmem(buf + from, len - from, f->sep, f->seplen);
-            if (hit == NULL) {
-                /* Bytes that cannot start a separator are known clean. */
-                size_t clean = len >= f->seplen - 1 ? len - (f->seplen - 1) : 0;
-                *scan = clean > pos ? clean - pos : 0;
-                /* Written so that max near UINT64_MAX cannot wrap. */
-                if (len - pos > f->max && len - pos - f->max > f->seplen - 1)
-                    *toolarge = 1;
-                break;
-            }
-            size_t at = (size_t)(hit - buf);
-            if (at - pos > f->max) {
-                *toolarge = 1;
-                break;
-            }
-            starts[k] = (uint32_t)pos;
-            ends[k] = (uint32_t)at;
-            k++;
-            pos = at + f->seplen;
-            from = pos;
-            *scan = 0;
-        }
-        if (k == maxout)
-            *scan = 0;
-        break;
-    }
-    case FM_FR_LENGTH:
-        while (k < maxout && len - pos >= f->n) {
-            uint64_t m = fm__header((const unsigned char *)buf + pos, f->n, f->little);
-            if (m > f->max) {
-                *toolarge = 1;
-                break;
-            }
-            if (len - pos - f->n < m)
-                break;
-            starts[k] = (uint32_t)(pos + f->n);
-            ends[k] = (uint32_t)(pos + f->n + m);
-            k++;
-            pos += f->n + m;
-        }
-        break;
-    case FM_FR_FIXED:
-        while (k < maxout && len - pos >= f->n) {
-            starts[k] = (uint32_t)pos;
-            ends[k] = (uint32_t)(pos + f->n);
-            k++;
-            pos += f->n;
-        }
-        break;
+        if (len - pos - f->n < m)
+            break;
+        starts[k] = (uint32_t)(pos + f->n);
+        ends[k] = (uint32_t)(pos + f->n + m);
+        k++;
+        pos += f->n + m;
     }
     *consumed = pos;
     return k;
+}
+
+static int fm__split_fixed(const fm_framing *f, size_t len, uint32_t *starts,
+                           uint32_t *ends, int maxout, size_t *consumed)
+{
+    size_t pos = 0;
+    int k = 0;
+
+    while (k < maxout && len - pos >= f->n) {
+        starts[k] = (uint32_t)pos;
+        ends[k] = (uint32_t)(pos + f->n);
+        k++;
+        pos += f->n;
+    }
+    *consumed = pos;
+    return k;
+}
+
+/* Find up to maxout messages; see fm_split() in fastmux.h.  *scan is used
+ * by DELIM only (see fm__split_delim). */
+static int fm__split(const fm_framing *f, const char *buf, size_t len,
+                     size_t *scan, uint32_t *starts, uint32_t *ends,
+                     int maxout, size_t *consumed, int *toolarge)
+{
+    *toolarge = 0;
+    *consumed = 0;
+    switch (f->kind) {
+    case FM_FR_RAW:
+        return fm__split_raw(len, starts, ends, maxout, consumed);
+    case FM_FR_DELIM:
+        return fm__split_delim(f, buf, len, scan, starts, ends, maxout, consumed, toolarge);
+    case FM_FR_LENGTH:
+        return fm__split_length(f, buf, len, starts, ends, maxout, consumed, toolarge);
+    case FM_FR_FIXED:
+        return fm__split_fixed(f, len, starts, ends, maxout, consumed);
+    }
+    return 0;
 }
 
 int fm_split(int kind, uint64_t max_size, uint32_t n, const char *sep,

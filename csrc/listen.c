@@ -118,6 +118,88 @@ static int fm__emfile(fm_loop *loop, fm_listener *l)
     return 0;
 }
 
+/* Stop accepting on l for FM_EMFILE_BACKOFF_MS; fm__listeners_run retries. */
+static void fm__backoff(fm_loop *loop, fm_listener *l)
+{
+    l->backoff_until = fm__now_ms() + FM_EMFILE_BACKOFF_MS;
+    l->ready = 1;
+    loop->listeners_ready = 1;
+}
+
+/* accept4() on l failed with err.  Returns 1 to accept the next connection,
+ * 0 to stop serving l in this poll (drained, or backing off). */
+static int fm__accept_failed(fm_loop *loop, fm_listener *l, int err)
+{
+    switch (err) {
+    case EAGAIN:
+#if EAGAIN != EWOULDBLOCK
+    case EWOULDBLOCK:
+#endif
+        return 0;
+    case EMFILE:
+    case ENFILE:
+    case ENOBUFS:
+    case ENOMEM:
+        if (fm__emfile(loop, l) < 0)
+            fm__backoff(loop, l);
+        return 0;
+    case EINTR:
+    case ECONNABORTED:
+    case EPROTO:
+    case ENETDOWN:
+    case ENOPROTOOPT:
+    case EHOSTDOWN:
+#ifdef ENONET
+    case ENONET:
+#endif
+    case EHOSTUNREACH:
+    case EOPNOTSUPP:
+    case ENETUNREACH:
+    case EPERM:
+    case ECONNRESET:
+        /* This connection died in the backlog, or accept(2) passed
+         * a pending network error through: go on with the next. */
+        return 1;
+    default:
+        /* The listener itself is unusable (EBADF, EINVAL, ...):
+         * retrying at once would spin, so back off as for EMFILE
+         * (the select backend does the same). */
+        fm__backoff(loop, l);
+        return 0;
+    }
+}
+
+/* An accepted fd becomes a connection of listener lid, or is refused
+ * (closed at once) at max_connections or when out of memory. */
+static void fm__on_accepted(fm_loop *loop, int lid, int fd)
+{
+    fm_listener *l = &loop->listeners[lid];
+    fm_conn *c;
+
+    if (l->max_conns >= 0 && l->nconns >= l->max_conns) {
+        close(fd);
+        loop->stats.rejected++;
+        return;
+    }
+    c = fm__conn_new(loop, fd, l->framing, 0);
+    if (c == NULL) {
+        close(fd);
+        loop->stats.rejected++;
+        return;
+    }
+    c->lid = lid;
+    c->max_wbuf = l->max_wbuf;
+    l->nconns++;
+    loop->stats.accepted++;
+    fm__emit(loop, FM_EV_ACCEPT, c->slot, (uint32_t)lid, (uint32_t)fd);
+    if (l->idle_ms > 0)
+        fm__idle_set(loop, c, l->idle_ms);
+    /* Data may be waiting already; the ready list reads it this poll. */
+    fm__ready_push(loop, c);
+}
+
+/* Accept until EAGAIN, at most FM_ACCEPT_BUDGET connections, while the
+ * batch has room; stopped early, the listener is served again next poll. */
 void fm__listener_io(fm_loop *loop, int lid)
 {
     fm_listener *l = &loop->listeners[lid];
@@ -130,7 +212,6 @@ void fm__listener_io(fm_loop *loop, int lid)
         return;
     }
     while (l->active) {
-        fm_conn *c;
         int fd;
 
         if (budget-- == 0 || fm__batch_full(loop)) {
@@ -140,69 +221,11 @@ void fm__listener_io(fm_loop *loop, int lid)
         }
         fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
-            switch (errno) {
-            case EAGAIN:
-#if EAGAIN != EWOULDBLOCK
-            case EWOULDBLOCK:
-#endif
-                return;
-            case EMFILE:
-            case ENFILE:
-            case ENOBUFS:
-            case ENOMEM:
-                if (fm__emfile(loop, l) < 0) {
-                    l->backoff_until = fm__now_ms() + FM_EMFILE_BACKOFF_MS;
-                    l->ready = 1;
-                    loop->listeners_ready = 1;
-                }
-                return;
-            case EINTR:
-            case ECONNABORTED:
-            case EPROTO:
-            case ENETDOWN:
-            case ENOPROTOOPT:
-            case EHOSTDOWN:
-#ifdef ENONET
-            case ENONET:
-#endif
-            case EHOSTUNREACH:
-            case EOPNOTSUPP:
-            case ENETUNREACH:
-            case EPERM:
-            case ECONNRESET:
-                /* This connection died in the backlog, or accept(2) passed
-                 * a pending network error through: go on with the next. */
+            if (fm__accept_failed(loop, l, errno))
                 continue;
-            default:
-                /* The listener itself is unusable (EBADF, EINVAL, ...):
-                 * retrying at once would spin, so back off as for EMFILE
-                 * (the select backend does the same). */
-                l->backoff_until = fm__now_ms() + FM_EMFILE_BACKOFF_MS;
-                l->ready = 1;
-                loop->listeners_ready = 1;
-                return;
-            }
+            return;
         }
-        if (l->max_conns >= 0 && l->nconns >= l->max_conns) {
-            close(fd);
-            loop->stats.rejected++;
-            continue;
-        }
-        c = fm__conn_new(loop, fd, l->framing, 0);
-        if (c == NULL) {
-            close(fd);
-            loop->stats.rejected++;
-            continue;
-        }
-        c->lid = lid;
-        c->max_wbuf = l->max_wbuf;
-        l->nconns++;
-        loop->stats.accepted++;
-        fm__emit(loop, FM_EV_ACCEPT, c->slot, (uint32_t)lid, (uint32_t)fd);
-        if (l->idle_ms > 0)
-            fm__idle_set(loop, c, l->idle_ms);
-        /* Data may be waiting already; the ready list reads it this poll. */
-        fm__ready_push(loop, c);
+        fm__on_accepted(loop, lid, fd);
     }
 }
 

@@ -41,8 +41,10 @@
  *    work the kernel will not report (ready list, pending CLOSED events) or
  *    Python has callbacks or writes waiting.
  *
- * The pure-Python select backend (fastmux/_select.py) follows the same rules
- * on a level-triggered selector, so both produce the same batches.
+ * The pure-Python select backend (fastmux/_select/) follows the same rules
+ * on a level-triggered selector, so both produce the same batches.  It is
+ * split as this core is (loop.py, stream.py, listen.py, internal.py) and
+ * uses the same function names where the logic is the same.
  */
 #define _GNU_SOURCE
 #include <errno.h>

@@ -338,7 +338,122 @@ static void fm__maybe_eof(fm_loop *loop, fm_conn *c)
     fm__emit(loop, FM_EV_EOF, c->slot, 0, 0);
 }
 
-/* Drain the socket into messages, within the read budget. */
+/* Where fm__read_dst() put a read. */
+enum { FM_INTO_ARENA, FM_INTO_SCRATCH, FM_INTO_BUF };
+
+/* Where the next recv goes: with a partial message buffered, at the end of
+ * c->in; with nothing buffered, into the loop's scratch buffer (framed
+ * there, only the tail is kept) or, for Raw, straight into the batch arena
+ * (the read is the message).  NULL if the connection stops: the arena is
+ * full (it is back on the ready list) or memory is out (it was killed). */
+static char *fm__read_dst(fm_loop *loop, fm_conn *c, int *into)
+{
+    char *dst;
+    if (c->in.len > 0) {
+        if (fm__buf_reserve(&c->in, FM_READ_CHUNK) < 0) {
+            fm__conn_kill(loop, c, ENOMEM, FM_R_ERROR);
+            return NULL;
+        }
+        *into = FM_INTO_BUF;
+        return c->in.p + c->in.off + c->in.len;
+    }
+    if (loop->framings[c->framing].kind == FM_FR_RAW) {
+        dst = fm__arena_reserve(loop, FM_READ_CHUNK);
+        if (dst == NULL)
+            fm__ready_push(loop, c);
+        *into = FM_INTO_ARENA;
+        return dst;
+    }
+    *into = FM_INTO_SCRATCH;
+    return loop->scratch;
+}
+
+/* recv(2) one chunk into dst and count it against *budget.  Returns the
+ * bytes read; 0 when there is nothing more for now (EAGAIN, or the peer's
+ * FIN: FM_C_RDEOF is set); -1 when the connection died. */
+static ssize_t fm__conn_recv(fm_loop *loop, fm_conn *c, char *dst, size_t *budget)
+{
+    ssize_t n;
+    do
+        n = recv(c->fd, dst, FM_READ_CHUNK, 0);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return 0;
+        fm__conn_kill(loop, c, errno, FM_R_ERROR);
+        return -1;
+    }
+    loop->stats.reads++;
+    if (n == 0) {
+        c->flags |= FM_C_RDEOF;
+        return 0;
+    }
+    loop->stats.bytes_in += (uint64_t)n;
+    *budget = (size_t)n >= *budget ? 0 : *budget - (size_t)n;
+    if (c->flags & FM_C_IDLE_LINKED)
+        fm__idle_touch(loop, c);
+    return n;
+}
+
+/* Raw, received straight into the arena: the read is one message. */
+static void fm__emit_raw(fm_loop *loop, fm_conn *c, size_t n)
+{
+    size_t at = loop->batch.used;
+    loop->batch.used += n;
+    loop->stats.messages_in++;
+    fm__emit(loop, FM_EV_MSG, c->slot, (uint32_t)at, (uint32_t)(at + n));
+}
+
+/* Frame a read that landed in the scratch buffer (nothing was buffered):
+ * the messages go to the arena, only the incomplete tail is copied into
+ * c->in.  Returns 0 to read on, 1 if the connection stopped (batch full:
+ * it is back on the ready list; or it died). */
+static int fm__frame_scratch(fm_loop *loop, fm_conn *c, const char *buf, size_t n)
+{
+    size_t consumed = 0, rest;
+    int rc;
+    c->scan = 0;
+    rc = fm__frame(loop, c, buf, n, &c->scan, &consumed);
+    if (rc == FM_FRAME_TOOLARGE) {
+        fm__conn_kill(loop, c, 0, FM_R_TOOLARGE);
+        return 1;
+    }
+    rest = n - consumed;
+    if (rest > 0) {
+        if (fm__buf_reserve(&c->in, rest) < 0) {
+            fm__conn_kill(loop, c, ENOMEM, FM_R_ERROR);
+            return 1;
+        }
+        memcpy(c->in.p + c->in.off, buf + consumed, rest);
+        c->in.len = rest;
+    }
+    if (rc == FM_FRAME_STOP) {
+        c->flags |= FM_C_REFRAME;
+        fm__ready_push(loop, c);
+        return 1;
+    }
+    return 0;
+}
+
+/* Frame n bytes just received where fm__read_dst() put them.  Returns 0 to
+ * read on, 1 if the connection stopped (as fm__frame_buffered). */
+static int fm__frame_read(fm_loop *loop, fm_conn *c, int into, const char *dst, size_t n)
+{
+    switch (into) {
+    case FM_INTO_ARENA:
+        fm__emit_raw(loop, c, n);
+        return 0;
+    case FM_INTO_SCRATCH:
+        return fm__frame_scratch(loop, c, dst, n);
+    default:
+        c->in.len += n;
+        return fm__frame_buffered(loop, c);
+    }
+}
+
+/* Drain the socket into messages, within the read budget: buffered input
+ * the last poll could not frame first, then read, frame, repeat until
+ * EAGAIN, a short read, EOF, the budget or a full batch; then EOF. */
 static void fm__conn_read(fm_loop *loop, fm_conn *c)
 {
     size_t budget = FM_READ_BUDGET;
@@ -355,80 +470,22 @@ static void fm__conn_read(fm_loop *loop, fm_conn *c)
                          FM_C_CONNECTING))) {
         char *dst;
         ssize_t n;
-        int from_scratch = c->in.len == 0;
-        int raw = loop->framings[c->framing].kind == FM_FR_RAW;
+        int into;
 
         if (budget == 0 || fm__batch_full(loop)) {
             fm__ready_push(loop, c);
             return;
         }
-        if (from_scratch && raw) {
-            /* Raw: a read is a message; receive it straight into the arena. */
-            dst = fm__arena_reserve(loop, FM_READ_CHUNK);
-            if (dst == NULL) {
-                fm__ready_push(loop, c);
-                return;
-            }
-        } else if (from_scratch) {
-            dst = loop->scratch;
-        } else {
-            if (fm__buf_reserve(&c->in, FM_READ_CHUNK) < 0) {
-                fm__conn_kill(loop, c, ENOMEM, FM_R_ERROR);
-                return;
-            }
-            dst = c->in.p + c->in.off + c->in.len;
-        }
-        n = recv(c->fd, dst, FM_READ_CHUNK, 0);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                break;
-            fm__conn_kill(loop, c, errno, FM_R_ERROR);
+        dst = fm__read_dst(loop, c, &into);
+        if (dst == NULL)
             return;
-        }
-        loop->stats.reads++;
-        if (n == 0) {
-            c->flags |= FM_C_RDEOF;
+        n = fm__conn_recv(loop, c, dst, &budget);
+        if (n < 0)
+            return;
+        if (n == 0)
             break;
-        }
-        loop->stats.bytes_in += (uint64_t)n;
-        budget = (size_t)n >= budget ? 0 : budget - (size_t)n;
-        if (c->flags & FM_C_IDLE_LINKED)
-            fm__idle_touch(loop, c);
-        if (from_scratch && raw) {
-            size_t at = loop->batch.used;
-            loop->batch.used += (size_t)n;
-            loop->stats.messages_in++;
-            fm__emit(loop, FM_EV_MSG, c->slot, (uint32_t)at, (uint32_t)(at + (size_t)n));
-        } else if (from_scratch) {
-            size_t consumed = 0, rest;
-            int rc;
-            c->scan = 0;
-            rc = fm__frame(loop, c, dst, (size_t)n, &c->scan, &consumed);
-            if (rc == FM_FRAME_TOOLARGE) {
-                fm__conn_kill(loop, c, 0, FM_R_TOOLARGE);
-                return;
-            }
-            rest = (size_t)n - consumed;
-            if (rest > 0) {
-                if (fm__buf_reserve(&c->in, rest) < 0) {
-                    fm__conn_kill(loop, c, ENOMEM, FM_R_ERROR);
-                    return;
-                }
-                memcpy(c->in.p + c->in.off, dst + consumed, rest);
-                c->in.len = rest;
-            }
-            if (rc == FM_FRAME_STOP) {
-                c->flags |= FM_C_REFRAME;
-                fm__ready_push(loop, c);
-                return;
-            }
-        } else {
-            c->in.len += (size_t)n;
-            if (fm__frame_buffered(loop, c))
-                return;
-        }
+        if (fm__frame_read(loop, c, into, dst, (size_t)n))
+            return;
         /* A short read empties a stream socket's queue -- unless the FIN is
          * queued behind the data (RDHUP), then read on to see the 0. */
         if ((size_t)n < FM_READ_CHUNK && !(c->flags & FM_C_RDHUP))

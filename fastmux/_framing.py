@@ -227,30 +227,52 @@ def split_until_error(spec: Framing, buf: bytes, start: int = 0
                       ) -> Tuple[List[bytes], int, MessageTooLarge | None]:
     """Like :func:`split` but returns the error as a third item, after the
     messages that precede the oversized one."""
+    msgs, consumed, err, _ = split_scan(spec, buf, start)
+    return msgs, consumed, err
+
+
+def split_scan(spec: Framing, buf: bytes | bytearray, start: int = 0, scan: int = 0
+               ) -> Tuple[List[bytes], int, MessageTooLarge | None, int]:
+    """:func:`split_until_error` that resumes a delimiter search where the
+    last one stopped: the twin of fm__split in csrc/framing.c and its scan.
+
+    `scan` is how many bytes of ``buf[start:]`` are known to hold no
+    separator (an earlier call on the same unframed bytes found none there);
+    the fourth item returned is that count for the bytes after the consumed
+    offset.  A caller that keeps a connection's unframed tail, appends each
+    read to it and passes the count back scans a long message once, not
+    once per read; it resets the count to 0 whenever the bytes before it
+    change (a new framing, pushed-back bytes).  Only Delimiter uses it; the
+    other framings return 0.
+    """
     kind = spec._kind
     end = len(buf)
     out: List[bytes] = []
     pos = start
     if kind == _FR_RAW:
         if end > pos:
-            out.append(bytes(buf[pos:end]))
-        return out, end, None
+            # bytes(buf) when it is all: one copy of a bytearray, not two.
+            out.append(bytes(buf[pos:end]) if pos else bytes(buf))
+        return out, end, None, 0
     if kind == _FR_DELIM:
         sep = spec._sep
         seplen = len(sep)
         limit = spec._max
+        at = pos + scan  # where the search resumes
         while True:
-            i = buf.find(sep, pos)
+            i = buf.find(sep, at)
             if i < 0:
+                # Bytes that cannot start a separator are known clean.
+                scan = max(end - (seplen - 1) - pos, 0)
                 if end - pos > limit + seplen - 1:
                     return out, pos, MessageTooLarge(
-                        f"no separator within max_size={limit} bytes")
-                return out, pos, None
+                        f"no separator within max_size={limit} bytes"), scan
+                return out, pos, None, scan
             if i - pos > limit:
                 return out, pos, MessageTooLarge(
-                    f"message of {i - pos} bytes exceeds max_size={limit}")
+                    f"message of {i - pos} bytes exceeds max_size={limit}"), 0
             out.append(bytes(buf[pos:i]))
-            pos = i + seplen
+            pos = at = i + seplen
     if kind == _FR_LENGTH:
         hs = spec._n
         order: Literal["little", "big"] = "little" if spec._little else "big"
@@ -259,16 +281,16 @@ def split_until_error(spec: Framing, buf: bytes, start: int = 0
             n = int.from_bytes(buf[pos:pos + hs], order)
             if n > limit:
                 return out, pos, MessageTooLarge(
-                    f"length header announces {n} bytes, max_size={limit}")
+                    f"length header announces {n} bytes, max_size={limit}"), 0
             if end - pos - hs < n:
                 break
             out.append(bytes(buf[pos + hs:pos + hs + n]))
             pos += hs + n
-        return out, pos, None
+        return out, pos, None, 0
     if kind == _FR_FIXED:
         size = spec._n
         while end - pos >= size:
             out.append(bytes(buf[pos:pos + size]))
             pos += size
-        return out, pos, None
+        return out, pos, None, 0
     raise ValueError(f"unknown framing kind {kind}")

@@ -83,6 +83,24 @@ def test_set_framing_lines_then_length_prefixed(loop, peers):
     assert h.messages == [b"LEN", b"a\nb", b"LEN", b"", b"x"]
 
 
+class SwitchSeparator(Recorder):
+    def on_message(self, conn, data):
+        super().on_message(conn, data)
+        if data == b"SWITCH":
+            conn.set_framing(fastmux.Delimiter(b";"))
+
+
+def test_set_framing_searches_the_buffered_tail_again(loop, peers):
+    """The tail after the switch was searched for the old separator only:
+    the new one is looked for from its start (the scan offset is reset)."""
+    h, p = serve(loop, peers, SwitchSeparator, fastmux.Delimiter(b"|"))
+    p.send(b"SWITCH|abc;def")  # one read: "abc;def" is searched for "|"
+    run_until(loop, lambda: len(h.messages) == 2, peers=[p])
+    p.send(b";")
+    run_until(loop, lambda: len(h.messages) == 3, peers=[p])
+    assert h.messages == [b"SWITCH", b"abc", b"def"]
+
+
 def test_set_framing_to_raw_delivers_the_rest(loop, peers):
     h, p = serve(loop, peers, HeaderThenLength, fastmux.Lines())
     p.send(b"RAW\nrest of\nthe stream")
@@ -527,6 +545,20 @@ def test_pause_stops_already_buffered_messages(loop, peers):
     run_until(loop, lambda: len(h.messages) == 4)
     assert h.messages == [b"1", b"2", b"3", b"4"]
     assert not h.closed
+
+
+def test_pushed_back_messages_are_searched_again(loop, peers):
+    """Messages handed back by a pause land in front of a tail already
+    searched for the separator: the search starts over from the front."""
+    h, p = serve(loop, peers, PauseOnFirst, fastmux.Lines())
+    p.send(b"1\n2\nrest")  # one read: "2\n" is pushed back before "rest"
+    run_until(loop, lambda: h.messages, peers=[p])
+    spin(loop, 5, peers=[p])
+    h.conn.resume_reading()
+    run_until(loop, lambda: len(h.messages) == 2, peers=[p])
+    p.send(b"\n")
+    run_until(loop, lambda: len(h.messages) == 3, peers=[p])
+    assert h.messages == [b"1", b"2", b"rest"]
 
 
 def test_eof_waits_while_paused(loop, peers):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import fastmux
 from fastmux import Delimiter, Fixed, LengthPrefixed, Lines, Raw
-from fastmux._framing import DEFAULT_MAX_SIZE, split, split_until_error
+from fastmux._framing import DEFAULT_MAX_SIZE, split, split_scan, split_until_error
 
 HEADER_SIZES = [1, 2, 4, 8]
 ORDERS = ["big", "little"]
@@ -169,6 +169,26 @@ def feed_in_chunks(spec, stream, cuts):
     return out, buf
 
 
+
+def feed_scanning(spec, stream, cuts, carry=True):
+    """Frame `stream` arriving in pieces as the select backend does: one
+    growing bytearray, and (if `carry`) the scan offset passed from call to
+    call.  Returns the messages, the unframed rest and the error, if any."""
+    buf = bytearray()
+    scan = 0
+    out = []
+    prev = 0
+    for cut in sorted(set(cuts)) + [len(stream)]:
+        buf += stream[prev:cut]
+        prev = cut
+        msgs, consumed, err, scan = split_scan(spec, buf, 0, scan if carry else 0)
+        out += msgs
+        del buf[:consumed]
+        if err is not None:
+            return out, bytes(buf), type(err)
+    return out, bytes(buf), None
+
+
 seps = st.binary(min_size=1, max_size=4)
 
 
@@ -238,3 +258,36 @@ def test_delimiter_max_size_model(limit, data):
         assert msgs == ok
     else:
         assert split(spec, data) == (parts[:-1], len(data) - len(parts[-1]))
+
+
+# Small alphabets, so that separators, partial separators and separators
+# straddling a cut are common.
+small_seps = st.text("ab\n", min_size=1, max_size=3).map(str.encode)
+
+
+@settings(max_examples=400, deadline=None)
+@given(sep=small_seps, data=st.text("ab\nx", max_size=200).map(str.encode),
+       cuts=st.lists(st.integers(0, 200), max_size=12), limit=st.integers(1, 40))
+def test_delimiter_scan_offset_changes_only_the_work(sep, data, cuts, limit):
+    """Resuming the search where the last one stopped (csrc/framing.c's scan,
+    kept per connection by the select backend) gives the same messages, rest
+    and verdict as searching the unframed bytes from the start every time."""
+    spec = Delimiter(sep, max_size=limit)
+    cuts = [c for c in cuts if c <= len(data)]
+    got = feed_scanning(spec, data, cuts)
+    assert got == feed_scanning(spec, data, cuts, carry=False)
+    if got[2] is None:
+        msgs, consumed = split(spec, data)
+        assert got[:2] == (msgs, data[consumed:])
+
+
+@pytest.mark.parametrize("sep", [b"\n", b"\r\n\r\n"])
+def test_delimiter_scan_offset_counts_clean_bytes(sep):
+    """The offset returned covers the bytes that cannot start a separator
+    (all but the last len(sep) - 1), and a resumed search still finds a
+    separator that began in those last bytes."""
+    spec = Delimiter(sep)
+    msgs, consumed, err, scan = split_scan(spec, bytearray(b"x" * 10 + sep[:-1]))
+    assert (msgs, consumed, err, scan) == ([], 0, None, 10)
+    msgs, consumed, err, scan = split_scan(spec, bytearray(b"x" * 10 + sep + b"yy"), 0, scan)
+    assert (msgs, consumed, err, scan) == ([b"x" * 10], 10 + len(sep), None, max(2 - (len(sep) - 1), 0))

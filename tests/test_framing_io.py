@@ -221,3 +221,39 @@ def test_oversize_after_a_message_still_refused(loop, peers):
     run_until(loop, lambda: fac.made and fac[0].closed, peers=[p])
     assert fac[0].messages == [b"GET / HTTP/1.1"]
     fac[0].assert_closed_once(fastmux.MessageTooLarge)
+
+
+def test_long_line_in_pieces_is_searched_once(backend, loop, peers, monkeypatch):
+    """A 4 MiB line arrives over many reads (at most READ_BUDGET bytes per
+    poll, so at least 16): each read resumes the separator search where the
+    last one stopped (the scan offset of csrc/framing.c, which the select
+    backend keeps per connection too), so the framer searches about 4 MiB in
+    all.  Searching the whole unframed tail again on every read would be
+    quadratic: 16 reads of 256 KiB alone search over 34 MiB.  On the select
+    backend the bytes each framer call is asked to search are counted; on
+    both, the line must arrive whole."""
+    from fastmux._constants import READ_BUDGET
+    from fastmux._select import stream
+
+    n = 4 * 1024 * 1024
+    searched: list[int] = []
+    if backend == "select":
+        real = stream.split_scan
+
+        def counting(spec, buf, start=0, scan=0):
+            searched.append(len(buf) - start - scan)
+            return real(spec, buf, start, scan)
+
+        monkeypatch.setattr(stream, "split_scan", counting)
+    fac = Factory()
+    server = loop.listen(("127.0.0.1", 0), fac, framing=Lines(max_size=2 * n))
+    p = peers.connect(server.address)
+    line = pattern(n).replace(b"\n", b"-")
+    for i in range(0, n, 64 * 1024):
+        p.send(line[i:i + 64 * 1024])
+    p.send(b"\nafter\n")
+    run_until(loop, lambda: fac.made and len(fac[0].messages) == 2, peers=[p], what="the line")
+    assert fac[0].messages == [line, b"after"]
+    if backend == "select":
+        assert len(searched) >= n // READ_BUDGET  # many reads, many framer calls
+        assert sum(searched) < 2 * n, f"{len(searched)} calls searched {sum(searched)} bytes"
