@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,10 +95,11 @@ def _body(buf: bytes) -> bytes:
 
 
 @contextlib.contextmanager
-def _server(server: str, mode: str) -> Iterator[int]:
+def _server(server: str, mode: str, env: dict | None = None) -> Iterator[int]:
     """Server `server` of the bench in `mode`, in its process; yields its port."""
     proc = subprocess.Popen([sys.executable, "-m", "fastmux.bench.servers", server, mode, "-1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**_env(), **(env or {})})
     try:
         line: list[bytes] = []
         reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()),
@@ -207,8 +209,12 @@ def test_targets_name_measured_servers_and_scenarios():
         mode = SCENARIOS[t.scenario].mode
         assert t.server in SERVERS and servers.serves(t.server, mode), t
         assert t.ref is None or (t.ref in SERVERS and servers.serves(t.ref, mode)), t
-    # Issue 12: the native API against uvloop and rloop in every scenario.
+    # Issue 12: the native API against uvloop and rloop in every scenario
+    # (that is not TLS: the native API does not speak it).
     for sc in SCENARIOS:
+        if SCENARIOS[sc].mode in servers.TLS_MODES:
+            assert not servers.serves("fastmux-epoll", SCENARIOS[sc].mode)
+            continue
         for ref in ("uvloop", "rloop"):
             assert any(t.scenario == sc and t.ref == ref and t.server == "fastmux-epoll"
                        and t.metric == "cpu_us_per_msg" for t in TARGETS), (sc, ref)
@@ -250,3 +256,126 @@ def test_plan_skips_missing_packages_and_http_only_servers(monkeypatch):
     assert any("rloop not installed" in n for n in plan.notes), plan.notes
     # Skipped as HTTP-only (or, without the bench extra, as not installed).
     assert any("uvicorn-asyncio" in n and "skipped" in n for n in plan.notes), plan.notes
+
+
+# -- the TLS scenarios: the Protocol servers under ssl=, the Python TLS client --
+
+@pytest.fixture
+def tls_cert(tmp_path):
+    """The bench's throwaway certificate (made by the openssl command)."""
+    from fastmux.bench.tlsclient import make_cert
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed (the bench skips TLS without it)")
+    return make_cert(str(tmp_path))
+
+
+@pytest.mark.parametrize("mode", ["tls-raw", "tls-http"])
+@pytest.mark.parametrize("server", ["asyncio-fastmux", "asyncio", "uvloop"])
+def test_tls_client_drives_the_tls_servers(server, mode, tls_cert):
+    # A bounded count of messages through the TLS client, every byte checked.
+    from fastmux.bench import servers
+    from fastmux.bench.cli import SCENARIOS
+    from fastmux.bench.tlsclient import TLSLoadGen, describe
+
+    if server == "asyncio-fastmux" and not fastmux.epoll_available():
+        pytest.skip("no epoll core")
+    if servers.missing(server):
+        pytest.skip(f"{server} needs {servers.missing(server)} (the bench extra)")
+    sc = next(sc for sc in SCENARIOS.values() if sc.mode == mode)
+    cert, key = tls_cert
+    with _server(server, mode, {"FASTMUX_BENCH_CERT": cert, "FASTMUX_BENCH_KEY": key}) as port:
+        assert (describe(cert, port) or "").startswith("TLS")
+        lg = TLSLoadGen(port, mode, sc.size, sc.depth, 4, cert)
+        try:
+            res = lg.drive(DEADLINE, max_msgs=400, record=True)
+            tail = lg.quiesce(DEADLINE)
+        finally:
+            lg.close()
+    assert res["msgs"] >= 400 and not res["stalled"], res
+    assert res["errors"] == res["conn_errors"] == 0
+    assert tail["errors"] == tail["conn_errors"] == 0 and tail["msgs"] <= 4
+    assert 0 < res["p50_us"] <= res["p99_us"] <= res["max_us"]
+
+
+def test_tls_client_catches_a_wrong_answer(tls_cert):
+    # A TLS server that answers the HTTPS scenario with one wrong byte every
+    # tenth response: the client must count errors, not messages only.
+    import ssl
+
+    from fastmux.bench.servers import RESPONSE
+    from fastmux.bench.tlsclient import TLSLoadGen
+
+    cert, key = tls_cert
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    lsock = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        lsock.settimeout(DEADLINE)
+        raw, _ = lsock.accept()
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            conn.settimeout(0.2)
+            n = 0
+            buf = b""
+            while not stop.is_set():
+                try:
+                    data = conn.recv(65536)
+                except (socket.timeout, ssl.SSLError):
+                    continue
+                if not data:
+                    return
+                buf += data
+                while b"\r\n\r\n" in buf:
+                    _, buf = buf.split(b"\r\n\r\n", 1)
+                    n += 1
+                    conn.sendall(RESPONSE[:-1] + b"?" if n % 10 == 0 else RESPONSE)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        lg = TLSLoadGen(lsock.getsockname()[1], "tls-http", 0, 1, 1, cert)
+        try:
+            res = lg.drive(DEADLINE, max_msgs=50, record=False)
+            lg.quiesce(DEADLINE)
+        finally:
+            lg.close()
+    finally:
+        stop.set()
+        t.join(DEADLINE)
+        lsock.close()
+    assert res["msgs"] >= 50
+    assert res["errors"] == res["msgs"] // 10
+
+
+def test_plan_skips_tls_without_openssl(monkeypatch, tmp_path):
+    import argparse
+
+    from fastmux.bench import cli, tlsclient
+
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: None)
+    monkeypatch.setattr(tlsclient.shutil, "which", lambda name: None)
+    opts = argparse.Namespace(servers=["asyncio", "c-et"], scenarios=["echo64", "https"],
+                              strace=False, strace_tool="strace")
+    plan = cli._plan(opts, str(tmp_path))
+    assert plan.scenarios == ["echo64"]
+    assert any("openssl" in n and "https" in n and "skipped" in n for n in plan.notes), plan.notes
+
+
+def test_plan_makes_a_certificate_for_tls(monkeypatch, tmp_path, tls_cert):
+    import argparse
+
+    from fastmux.bench import cli
+
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: None)
+    opts = argparse.Namespace(servers=["asyncio", "rloop", "c-et"],
+                              scenarios=["tls-echo64", "echo64"], strace=False,
+                              strace_tool="strace")
+    plan = cli._plan(opts, str(tmp_path))
+    assert plan.scenarios == ["tls-echo64", "echo64"]
+    assert os.path.exists(opts.tls_cert) and os.path.exists(opts.tls_key)
+    # c-et and rloop serve no TLS scenario; they stay for echo64.
+    from fastmux.bench.servers import serves
+    assert not serves("c-et", "tls-raw") and not serves("rloop", "tls-raw")
+    assert serves("asyncio", "tls-raw")

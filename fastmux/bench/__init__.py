@@ -10,4 +10,7 @@ user does (``fastmux.Loop``, ``fastmux.Handler``), inside its server processes.
 - ``_loadgen``: the load generator and the minimal C server, built from
   ``csrc/loadgen/`` by ``_loadgen_build.py`` as a cffi module of its own, so
   the benchmark shares no code with the core it measures.
+- ``tlsclient``: the load generator of the TLS scenarios (the stdlib ssl
+  module over epoll; the C generator does not speak TLS) and the throwaway
+  certificate the TLS servers use.
 """

@@ -16,6 +16,13 @@ with httptools and a hello ASGI app on three loops (HTTP only); a batching
 selectors server, a tutorial edge-triggered select.epoll server, and the
 minimal C server.  A server whose optional package is missing is skipped
 with a note.
+
+The TLS scenarios ("tls-echo64", "https") run the Protocol class under
+``ssl=`` on fastmux's EventLoop, stdlib asyncio and uvloop (rloop has no
+TLS), with a throwaway certificate made by the ``openssl`` command, and are
+driven by a Python TLS client (fastmux.bench.tlsclient, the stdlib ssl
+module over epoll) instead of the C generator, in this process on the same
+CPU; without openssl they are skipped with a note.
 """
 
 from __future__ import annotations
@@ -30,14 +37,16 @@ import re
 import select
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .servers import missing, serves
+from .servers import TLS_MODES, missing, serves
+from .tlsclient import TLSLoadGen, describe, make_cert
 
 SERVERS = ["fastmux-epoll", "fastmux-select", "asyncio-fastmux", "asyncio", "uvloop", "rloop",
            "uvicorn-fastmux", "uvicorn-uvloop", "uvicorn-asyncio", "selectors-batch",
@@ -71,6 +80,11 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
     Scenario("lines16", "lines", 64, 16,
              "64 B lines pipelined 16 deep (asyncio Protocols: one write per line)"),
     Scenario("http", "http", 0, 1, "HTTP GET keep-alive, 'Hello, world!'"),
+    # Driven by the Python TLS client (tlsclient), not the C generator.
+    Scenario("tls-echo64", "tls-raw", 64, 1,
+             "TLS echo 64 B, depth 1 (Python TLS client: compare CPU/msg, not msgs/s)"),
+    Scenario("https", "tls-http", 0, 1,
+             "HTTPS GET keep-alive, 'Hello, world!' (Python TLS client: compare CPU/msg)"),
 ]}
 
 
@@ -90,10 +104,12 @@ class Target:
 
 def _no_worse_everywhere(server: str, refs: Sequence[str], issue: str) -> List[Target]:
     """`server` spends no more CPU per message than each of `refs`, in every
-    scenario where both run."""
+    plain (not TLS) scenario where both run.  The TLS scenarios came later,
+    with issue 11, which asks for TLS's cost to be measured and sets no
+    bound (fastmux's TLS is asyncio's sslproto for now)."""
     return [Target(sc.name, "cpu_us_per_msg", ref, "<=", 1.0, f"CPU/msg <= {ref}", server, issue)
             for sc in SCENARIOS.values() for ref in refs
-            if serves(server, sc.mode) and serves(ref, sc.mode)]
+            if sc.mode not in TLS_MODES and serves(server, sc.mode) and serves(ref, sc.mode)]
 
 
 TARGETS = [
@@ -134,12 +150,14 @@ TARGETS = [
 class ServerProcess:
     """One server under test, in its own process, pinned to `cpu`."""
 
-    def __init__(self, name: str, mode: str, cpu: int) -> None:
+    def __init__(self, name: str, mode: str, cpu: int,
+                 env: Optional[Dict[str, str]] = None) -> None:
         self.name = name
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastmux.bench.servers", name, mode, str(cpu)],
-            stdout=subprocess.PIPE, stderr=self._err, stdin=subprocess.DEVNULL)
+            stdout=subprocess.PIPE, stderr=self._err, stdin=subprocess.DEVNULL,
+            env=None if env is None else {**os.environ, **env})
         self.pid = self.proc.pid
         self.port = self._wait_ready(timeout=20.0)
 
@@ -236,12 +254,29 @@ class LoadGen:
             self._g = None
 
 
+def _start_server(server: str, sc: Scenario, opts: argparse.Namespace) -> ServerProcess:
+    env = None
+    if sc.mode in TLS_MODES:
+        env = {"FASTMUX_BENCH_CERT": opts.tls_cert, "FASTMUX_BENCH_KEY": opts.tls_key}
+    return ServerProcess(server, sc.mode, opts.server_cpu, env)
+
+
+def _load_generator(port: int, sc: Scenario,
+                    opts: argparse.Namespace) -> "Union[LoadGen, TLSLoadGen]":
+    """The C generator, or the Python TLS client for the TLS scenarios."""
+    conns = opts.connections or sc.connections
+    if sc.mode in TLS_MODES:
+        return TLSLoadGen(port, sc.mode, sc.size, sc.depth, conns, opts.tls_cert)
+    return LoadGen(port, sc, conns)
+
+
 def run_one(server: str, sc: Scenario, opts: argparse.Namespace) -> Dict[str, Any]:
     """One timed run: warm up, quiesce, CPU mark, drive, quiesce, CPU mark."""
-    srv = ServerProcess(server, sc.mode, opts.server_cpu)
-    lg: Optional[LoadGen] = None
+    srv = _start_server(server, sc, opts)
+    lg: "Union[LoadGen, TLSLoadGen, None]" = None
     try:
-        lg = LoadGen(srv.port, sc, opts.connections or sc.connections)
+        tls = describe(opts.tls_cert, srv.port) if sc.mode in TLS_MODES else None
+        lg = _load_generator(srv.port, sc, opts)
         warm = lg.drive(opts.warmup, record=False)
         lg.quiesce()
         cpu0 = srv.cpu_ns()
@@ -263,6 +298,7 @@ def run_one(server: str, sc: Scenario, opts: argparse.Namespace) -> Dict[str, An
             "errors": errors, "conn_errors": conn_errors,
             "stalled": bool(warm["stalled"] or res["stalled"]),
             "client_writes": res["writes"],
+            "tls": tls,
         }
     finally:
         if lg is not None:
@@ -299,14 +335,14 @@ def strace_one(server: str, sc: Scenario, opts: argparse.Namespace) -> Dict[str,
     tenfold, which changes its batching: a server that drains until EAGAIN
     finds the next request already there and skips its failing read.  Tool
     "perf" counts the raw_syscalls:sys_enter tracepoint at full speed."""
-    srv = ServerProcess(server, sc.mode, opts.server_cpu)
-    lg: Optional[LoadGen] = None
+    srv = _start_server(server, sc, opts)
+    lg: "Union[LoadGen, TLSLoadGen, None]" = None
     tracer: Optional[subprocess.Popen[bytes]] = None
     out = tempfile.NamedTemporaryFile(prefix="fastmux-strace-", suffix=".txt", delete=False)
     out.close()
     tool = opts.strace_tool
     try:
-        lg = LoadGen(srv.port, sc, opts.connections or sc.connections)
+        lg = _load_generator(srv.port, sc, opts)
         lg.drive(opts.warmup, record=False)
         lg.quiesce()
         if tool == "perf":
@@ -557,6 +593,7 @@ def machine_info() -> Dict[str, Any]:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu": model, "cpus": os.cpu_count(), "kernel": platform.release(),
         "python": platform.python_version(), "fastmux": __version__, **versions,
+        "openssl": ssl.OPENSSL_VERSION,
     }
 
 
@@ -598,12 +635,13 @@ def run(opts: argparse.Namespace) -> int:
         print(f"fastmux bench: the C load generator is not built ({e}); "
               "install fastmux on Linux with a C compiler", file=sys.stderr)
         return 2
-    plan = _plan(opts)
-    for n in plan.notes:
-        print(f"note: {n}", file=sys.stderr)
-    failures: List[str] = []
-    runs = _timed_rounds(plan, opts, failures)
-    straced = _strace_pass(plan, opts, failures) if opts.strace else []
+    with tempfile.TemporaryDirectory(prefix="fastmux-bench-") as scratch:
+        plan = _plan(opts, scratch)
+        for n in plan.notes:
+            print(f"note: {n}", file=sys.stderr)
+        failures: List[str] = []
+        runs = _timed_rounds(plan, opts, failures)
+        straced = _strace_pass(plan, opts, failures) if opts.strace else []
     _report(plan, opts, runs, straced, failures)
     errors = sum(r["errors"] + r["conn_errors"] for r in runs) + \
         sum(s["errors"] + s["conn_errors"] for s in straced)
@@ -632,10 +670,13 @@ def _apply_defaults(opts: argparse.Namespace) -> None:
     opts.strace_seconds = 30.0
 
 
-def _plan(opts: argparse.Namespace) -> Plan:
+def _plan(opts: argparse.Namespace, scratch: Optional[str] = None) -> Plan:
     """Choose the servers and scenarios, and pin this process's CPU (setting
-    opts.server_cpu for the servers); say in notes what was skipped."""
+    opts.server_cpu for the servers); say in notes what was skipped.  For
+    the TLS scenarios, make the certificate in `scratch` (opts.tls_cert,
+    opts.tls_key)."""
     plan = Plan(list(opts.servers or SERVERS), list(opts.scenarios or SCENARIOS), [])
+    _plan_tls(plan, opts, scratch)
     for srv in list(plan.servers):
         gone = missing(srv)
         if gone:
@@ -664,6 +705,27 @@ def _plan(opts: argparse.Namespace) -> Plan:
         plan.notes.append(f"{opts.strace_tool} is not installed: no syscall counts")
         opts.strace = False
     return plan
+
+
+def _plan_tls(plan: Plan, opts: argparse.Namespace, scratch: Optional[str]) -> None:
+    tls = [sc for sc in plan.scenarios if SCENARIOS[sc].mode in TLS_MODES]
+    opts.tls_cert = opts.tls_key = None
+    if not tls:
+        return
+    try:
+        if scratch is None:
+            raise RuntimeError("no directory for the certificate")
+        opts.tls_cert, opts.tls_key = make_cert(scratch)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        for sc in tls:
+            plan.scenarios.remove(sc)
+        plan.notes.append(f"no TLS certificate ({e}): {', '.join(tls)} skipped")
+        return
+    plan.notes.append(f"{', '.join(tls)}: driven by the Python TLS client "
+                      "(fastmux.bench.tlsclient), not the C generator")
+    if "rloop" in plan.servers:
+        plan.notes.append(f"rloop has no TLS (ssl= raises NotImplementedError): not in "
+                          f"{', '.join(tls)}")
 
 
 def _timed_rounds(plan: Plan, opts: argparse.Namespace,
@@ -757,6 +819,9 @@ def _report(plan: Plan, opts: argparse.Namespace, runs: List[Dict[str, Any]],
     print(render_targets(targets))
     for n in plan.notes:
         print(f"note: {n}")
+    negotiated = sorted({r["tls"] for r in runs if r.get("tls")})
+    if negotiated:
+        print(f"note: TLS negotiated: {'; '.join(negotiated)} ({info['openssl']})")
     if opts.json:
         doc = {"machine": info, "options": {k: v for k, v in vars(opts).items()
                                             if k != "func"},

@@ -2,8 +2,11 @@
 
     python -m fastmux.bench.servers NAME MODE CPU
 
-NAME is one of SERVERS, MODE one of "raw", "lines", "http", CPU the CPU to
-pin to (-1: leave the affinity alone).  The server listens on 127.0.0.1 on a
+NAME is one of SERVERS, MODE one of "raw", "lines", "http" (or, for the
+asyncio Protocol servers that speak TLS, "tls-raw" and "tls-http": the same
+under ``ssl=``, with the certificate and key named by the environment
+variables FASTMUX_BENCH_CERT and FASTMUX_BENCH_KEY), CPU the CPU to pin to
+(-1: leave the affinity alone).  The server listens on 127.0.0.1 on a
 free port, prints ``READY <port>`` on stdout and serves until it is killed
 (the bench sends SIGTERM) or an hour passes.
 
@@ -14,7 +17,8 @@ I/O machinery around it, which is what the bench compares.  No server echoes
 in C on behalf of Python; only "c-et", the floor reference, is C throughout.
 
 The asyncio Protocol servers ("asyncio", "uvloop", "rloop",
-"asyncio-fastmux") are one Protocol class on four event loops.  The uvicorn
+"asyncio-fastmux") are one Protocol class on four event loops (in the TLS
+modes the same class under ``ssl=``, on the three loops with TLS).  The uvicorn
 servers (HTTP only) are uvicorn with httptools serving a hello ASGI app, on
 three loops; their per-request function is the app.
 """
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional
 
 if TYPE_CHECKING:
     import asyncio
+    import ssl
 
 #: The answer of every "http" server (the load generator checks the status
 #: line, Content-Length and the body).
@@ -37,10 +42,13 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nContent-Type: text/plain\
 #: Bound on how long a server runs if nobody stops it.
 MAX_SECONDS = 3600.0
 
-MODES = ("raw", "lines", "http")
+#: What every server serves, and the TLS modes (the Protocol servers only).
+PLAIN_MODES = ("raw", "lines", "http")
+TLS_MODES = ("tls-raw", "tls-http")
+MODES = PLAIN_MODES + TLS_MODES
 
 #: The separator that ends a message in each framed mode.
-_SEP = {"lines": b"\n", "http": b"\r\n\r\n"}
+_SEP = {"lines": b"\n", "http": b"\r\n\r\n", "tls-http": b"\r\n\r\n"}
 
 
 def _listen() -> socket.socket:
@@ -59,7 +67,7 @@ def _listen() -> socket.socket:
 def _answer(mode: str) -> Callable[[bytes], bytes]:
     """The per-message handler of the peers: message in, answer out.  For
     "lines" the message includes its newline (peers slice it that way)."""
-    if mode == "http":
+    if mode in ("http", "tls-http"):
         def http(request: bytes) -> bytes:
             return RESPONSE
         return http
@@ -149,6 +157,16 @@ def _new_loop(loop_name: str) -> "asyncio.AbstractEventLoop":
     return loop
 
 
+def _tls_context() -> "ssl.SSLContext":
+    """The TLS servers' context: the stdlib's defaults for a server, with the
+    bench's throwaway certificate (tlsclient.make_cert)."""
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(os.environ["FASTMUX_BENCH_CERT"], os.environ["FASTMUX_BENCH_KEY"])
+    return ctx
+
+
 def serve_asyncio(sock: socket.socket, mode: str, loop_name: str) -> None:
     import asyncio
 
@@ -156,7 +174,8 @@ def serve_asyncio(sock: socket.socket, mode: str, loop_name: str) -> None:
     asyncio.set_event_loop(loop)
     proto = _protocol_class(mode)
     port = sock.getsockname()[1]  # rloop's create_server takes the fd over
-    loop.run_until_complete(loop.create_server(proto, sock=sock))
+    sslcontext = _tls_context() if mode in TLS_MODES else None
+    loop.run_until_complete(loop.create_server(proto, sock=sock, ssl=sslcontext))
     _ready(port)
     loop.call_later(MAX_SECONDS, loop.stop)
     loop.run_forever()
@@ -421,8 +440,13 @@ SERVERS: Dict[str, Callable[[socket.socket, str], None]] = {
     "c-et": serve_c,
 }
 
-#: The modes a server can serve (default: every mode).
+#: The modes a server can serve (default: PLAIN_MODES).  TLS: the Protocol
+#: class under ssl= on the loops that have TLS (rloop 0.5 raises
+#: NotImplementedError for ssl=).
 SERVER_MODES: Dict[str, Tuple[str, ...]] = {
+    "asyncio": MODES,
+    "uvloop": MODES,
+    "asyncio-fastmux": MODES,
     "uvicorn-fastmux": ("http",),
     "uvicorn-uvloop": ("http",),
     "uvicorn-asyncio": ("http",),
@@ -440,7 +464,7 @@ REQUIRES: Dict[str, Tuple[str, ...]] = {
 
 def serves(name: str, mode: str) -> bool:
     """Whether server `name` runs in `mode`."""
-    return mode in SERVER_MODES.get(name, MODES)
+    return mode in SERVER_MODES.get(name, PLAIN_MODES)
 
 
 def missing(name: str) -> List[str]:
