@@ -401,7 +401,14 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         wb.append(data)
         self._unsent += len(data)
         if self._unsent + self._queued > self._high_water and not self._protocol_paused:
-            self._maybe_pause_protocol()
+            # Past the high-water mark: send now and pause the protocol only
+            # for what the kernel did not take, as asyncio's transports do
+            # (a big write the socket accepts whole must not pause it).
+            conn._flush_now()
+            self._unsent = 0
+            self._queued = conn.write_buffer_size
+            if self._queued > self._high_water:
+                self._maybe_pause_protocol()
 
     def writelines(self, list_of_data: Any) -> None:
         if self._eof:

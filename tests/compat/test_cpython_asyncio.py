@@ -102,6 +102,14 @@ def _hook_policy_loop(kind: str) -> Dict[str, Any]:
     return {"setUp": setUp, "__cls_holder": cls_holder}
 
 
+def _hook_policy_and_new_loop(kind: str) -> Dict[str, Any]:
+    """test_ssl.TestSSL: asyncio.new_event_loop() in setUp (the policy's),
+    and new_loop() for the loops some tests run in threads."""
+    ns = _hook_policy_loop(kind)
+    ns.update(_hook_new_loop(kind))
+    return ns
+
+
 def _hook_isolated(kind: str) -> Dict[str, Any]:
     """unittest.IsolatedAsyncioTestCase: loop_factory (3.13), or the Runner
     it makes in _setupAsyncioRunner (3.11, 3.12)."""
@@ -128,6 +136,10 @@ SUITES: List[Tuple[str, str, str, Callable[[str], Dict[str, Any]]]] = [
     ("Server2", "test_server", "TestServer2", _hook_isolated),
     ("UnixServerCleanup", "test_server", "UnixServerCleanupTests", _hook_isolated),
     ("BufferedProto", "test_buffered_proto", "BufferedProtocolSelectorTests", _hook_new_loop),
+    # TLS: BaseStartTLS (start_tls over fastmux's transports, and asyncio's
+    # TLS transports for ssl=), and 3.11+'s TestSSL (uvloop's TLS tests).
+    ("StartTLS", "test_sslproto", "SelectorStartTLSTests", _hook_new_loop),
+    ("SSL", "test_ssl", "TestSSL", _hook_policy_and_new_loop),
     # SendfileMixin + SockSendfileMixin.
     ("Sendfile", "test_sendfile", "SelectEventLoopTests", _hook_create_event_loop),
     # SubprocessMixin with the default watchers of 3.10-3.13.
