@@ -519,9 +519,9 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             return total
         finally:
             self._sending_file = False
-            conn = self._conn
-            if conn is not None and conn._cid >= 0:
-                conn.set_write_limits(self._high_water, self._low_water)
+            last = self._conn
+            if last is not None and last._cid >= 0:
+                last.set_write_limits(self._high_water, self._low_water)
             if total > 0:
                 os.lseek(fileno, offset, os.SEEK_SET)
 
