@@ -12,7 +12,8 @@
   (Raw framing) seen through asyncio's ``Transport`` interface.  Reads are
   drained in C and handed over once per read; writes made during one
   iteration leave in one ``send`` per transport at the end of the iteration.
-  Listening sockets are accepted from in C.
+  Listening sockets are accepted from in C; ``loop.sendfile`` on these
+  transports is ``os.sendfile`` (see docs/asyncio.md for what differs).
 
 Everything else -- futures, tasks, timers, ``call_soon_threadsafe``,
 executors, DNS, happy eyeballs, signals, ``sock_*``, subprocesses, pipes,
