@@ -12,7 +12,8 @@
   (Raw framing) seen through asyncio's ``Transport`` interface.  Reads are
   drained in C and handed over once per read; writes made during one
   iteration leave in one ``send`` per transport at the end of the iteration.
-  Listening sockets are accepted from in C.
+  Listening sockets are accepted from in C; ``loop.sendfile`` on these
+  transports is ``os.sendfile`` (see docs/asyncio.md for what differs).
 
 Everything else -- futures, tasks, timers, ``call_soon_threadsafe``,
 executors, DNS, happy eyeballs, signals, ``sock_*``, subprocesses, pipes,
@@ -24,8 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import errno
 import inspect
+import io
 import logging
+import os
 import selectors
 import socket
 import sys
@@ -41,6 +45,10 @@ __all__ = ["EventLoop", "EventLoopPolicy", "new_event_loop", "install", "run"]
 
 _T = TypeVar("_T")
 _RAW = Raw()
+# A native sendfile whose socket buffer is full hands the core this much of
+# the file (copied) and waits for the core to drain it: the connection's fd
+# is the core's, so the core is what learns when it is writable again.
+_SENDFILE_CHUNK = 64 * 1024
 _logger = logging.getLogger("asyncio")
 
 # asyncio's internals that this module builds on are not in the type stubs:
@@ -219,7 +227,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
     variables set around create_server/create_connection reach them."""
 
     _start_tls_compatible = True
-    _sendfile_compatible = constants._SendfileMode.FALLBACK
+    _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
 
     def __init__(self, loop: "EventLoop", protocol: asyncio.BaseProtocol,
                  extra: Optional[Dict[str, Any]], server: Optional[_Server],
@@ -239,6 +247,8 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         self._protocol_connected = False
         self._context = contextvars.copy_context()
         self._in_context = False
+        self._sending_file = False  # loop.sendfile() in progress: write() refuses
+        self._drain_waiter: Optional["asyncio.Future[None]"] = None
         self.set_protocol(protocol)
         if server is not None:
             if _SERVER_TRACKS_TRANSPORTS:
@@ -334,6 +344,9 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             self.close()
 
     def on_drain(self, conn: Connection) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         self._call(self._maybe_resume_protocol)
 
     def on_close(self, conn: Connection, exc: Optional[BaseException]) -> None:
@@ -343,6 +356,10 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             del loop._transports[fd]
         self._closing = True
         self._conn_lost += 1
+        drain_waiter = self._drain_waiter
+        if drain_waiter is not None and not drain_waiter.done():
+            drain_waiter.set_exception(exc if exc is not None else ConnectionError(
+                "connection closed while sendfile was in progress"))
         try:
             if self._waiter is not None:
                 # Closed before it was ever connected (connect failed).
@@ -407,6 +424,8 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             data = bytes(data)
         if self._eof:
             raise RuntimeError("Cannot call write() after write_eof()")
+        if self._sending_file:
+            raise RuntimeError("unable to write; sendfile is in progress")
         if not data:
             return
         conn = self._conn
@@ -422,10 +441,15 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         wb.append(data)
         self._unsent += len(data)
         # conn._queued is what the core held after the last send: never less
-        # than it holds now, so this test never misses a pause; when it
-        # fires, _maybe_pause_protocol asks the core for the exact figure.
+        # than it holds now, so this test never misses a pause.
         if self._unsent + conn._queued > self._high_water and not self._protocol_paused:
-            self._maybe_pause_protocol()
+            # Past the high-water mark: send now and pause the protocol only
+            # for what the kernel did not take, as asyncio's transports do
+            # (a big write the socket accepts whole must not pause it).
+            conn._flush_now()  # sets conn._queued
+            self._unsent = 0
+            if conn._queued > self._high_water:
+                self._maybe_pause_protocol()
 
     def writelines(self, list_of_data: Any) -> None:
         if self._eof:
@@ -481,6 +505,87 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
                 conn._exc = exc
             self._closing = True
             conn.abort()
+
+    # -- loop.sendfile() -----------------------------------------------------
+
+    async def _sendfile(self, file: Any, offset: int, count: Optional[int]) -> int:
+        """The native path of ``loop.sendfile``: once the core's queue is
+        empty, ``os.sendfile`` on the connection's fd; write() raises
+        meanwhile, as asyncio's does.  Raises SendfileNotAvailableError
+        (loop.sendfile then falls back) when nothing could be sent."""
+        if not hasattr(os, "sendfile"):
+            raise asyncio.SendfileNotAvailableError("os.sendfile() is not available")
+        try:
+            fileno = file.fileno()
+            fsize = os.fstat(fileno).st_size
+        except (AttributeError, io.UnsupportedOperation, OSError):
+            raise asyncio.SendfileNotAvailableError("not a regular file") from None
+        blocksize = count if count else fsize
+        if not blocksize:
+            return 0  # an empty file
+        total = 0
+        self._sending_file = True
+        try:
+            await self._flushed()
+            while not count or total < count:
+                if count:
+                    blocksize = count - total
+                conn = self._live_conn()
+                try:
+                    sent = os.sendfile(conn._fd, fileno, offset, blocksize)
+                except BlockingIOError:
+                    chunk = os.pread(fileno, min(blocksize, _SENDFILE_CHUNK), offset)
+                    if not chunk:
+                        break
+                    conn._wbuf.append(chunk)
+                    conn._flush_now()
+                    offset += len(chunk)
+                    total += len(chunk)
+                    await self._flushed()
+                    continue
+                except OSError as exc:
+                    if total == 0:
+                        raise asyncio.SendfileNotAvailableError(
+                            "os.sendfile call failed") from exc
+                    if exc.errno == errno.ENOTCONN and type(exc) is not ConnectionError:
+                        exc = ConnectionError(errno.ENOTCONN, "socket is not connected")
+                    # Part of the file went: the stream cannot be resumed.
+                    self._fatal_error(exc, "Fatal error in sendfile")
+                    raise exc from None
+                if sent == 0:
+                    break  # end of file
+                offset += sent
+                total += sent
+                await asyncio.sleep(0)  # let the loop run between sends
+            return total
+        finally:
+            self._sending_file = False
+            last = self._conn
+            if last is not None and last._cid >= 0:
+                last.set_write_limits(self._high_water, self._low_water)
+            if total > 0:
+                os.lseek(fileno, offset, os.SEEK_SET)
+
+    def _live_conn(self) -> Connection:
+        conn = self._conn
+        if conn is None or conn._cid < 0 or conn._closed:
+            raise ConnectionError("connection closed while sendfile was in progress")
+        return conn
+
+    async def _flushed(self) -> None:
+        """Wait until everything written so far has been sent."""
+        conn = self._live_conn()
+        conn._flush_now()
+        if conn.write_buffer_size == 0:
+            return
+        loop = self._aloop
+        assert loop is not None
+        waiter = self._drain_waiter = loop.create_future()
+        conn.set_write_limits(0, 0)  # the core reports DRAIN once its queue is empty
+        try:
+            await waiter
+        finally:
+            self._drain_waiter = None
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name in self._extra:
@@ -558,12 +663,35 @@ class EventLoop(_SelectorEventLoop):  # type: ignore[misc]
             extra.setdefault("peername", sock.getpeername())
         except OSError:
             pass
+        # The caller's socket object stays the transport's socket, usable
+        # (setsockopt, getsockname) while the connection lives, as with
+        # asyncio's transports: the core owns the fd through a stand-in
+        # object (explicit family/type/proto: no syscalls to make it), and
+        # on_close detaches the caller's object once the core has closed it.
+        extra["socket"] = trsock.TransportSocket(sock)
         transport = _StreamTransport(self, protocol, extra, server, waiter)
+        transport._sock = sock
         _set_nodelay(sock)
-        # The core queues writes made before the connection is up.
-        transport._conn = self._core.connect(None, lambda: transport, framing=_RAW, sock=sock,
-                                             max_write_buffer=None)
+        stand_in = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
+        try:
+            # The core queues writes made before the connection is up.
+            transport._conn = self._core.connect(None, lambda: transport, framing=_RAW,
+                                                 sock=stand_in, max_write_buffer=None)
+        except BaseException:
+            if stand_in.fileno() < 0:
+                sock.detach()  # the core took the fd and closed it
+            else:
+                stand_in.detach()
+            transport._sock = None
+            raise
         return transport
+
+    async def _sendfile_native(self, transp: asyncio.Transport, file: Any, offset: int,
+                               count: Optional[int]) -> int:
+        if isinstance(transp, _StreamTransport):
+            return await transp._sendfile(file, offset, count)
+        result: int = await super()._sendfile_native(transp, file, offset, count)
+        return result
 
     def _start_serving(self, protocol_factory: Callable[[], asyncio.BaseProtocol],
                        sock: socket.socket, sslcontext: Any = None,
@@ -586,9 +714,9 @@ class EventLoop(_SelectorEventLoop):  # type: ignore[misc]
             if isinstance(listener, _Listener) and listener._sock is sock:
                 listener.close()
                 break
-        else:
-            self._remove_reader(sock.fileno())
-        sock.close()
+        # asyncio's own: removes the reader of a TLS listener, closes the
+        # socket and, from 3.13 on, unlinks a Unix server's path.
+        super()._stop_serving(sock)
 
     def close(self) -> None:
         if self.is_running():
