@@ -294,8 +294,16 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             conn.resume_reading()
 
     def on_message(self, conn: Connection, data: bytes) -> None:
+        # The hot path: _call written out (one Python frame fewer per read).
         try:
-            self._call(self._data_received, data)
+            if self._in_context:
+                self._data_received(data)
+            else:
+                self._in_context = True
+                try:
+                    self._context.run(self._data_received, data)
+                finally:
+                    self._in_context = False
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
