@@ -653,6 +653,62 @@ class EventLoop(_SelectorEventLoop):  # type: ignore[misc]
         if not core.is_closed():
             core._backend.wakeup()
 
+    # sock_recvfrom / sock_recvfrom_into / sock_sendto came with Python 3.11;
+    # on 3.10 fastmux's loop has them too, over the same watches.
+    if not hasattr(_SelectorEventLoop, "sock_sendto"):
+
+        async def sock_recvfrom(self, sock: socket.socket, bufsize: int) -> Tuple[bytes, Any]:
+            """Receive a datagram: (data, address)."""
+            result: Tuple[bytes, Any] = await self._sock_io(sock, False, sock.recvfrom, bufsize)
+            return result
+
+        async def sock_recvfrom_into(self, sock: socket.socket, buf: Any,
+                                     nbytes: int = 0) -> Tuple[int, Any]:
+            """Receive a datagram into `buf`: (nbytes, address)."""
+            result: Tuple[int, Any] = await self._sock_io(
+                sock, False, sock.recvfrom_into, buf, nbytes or len(buf))
+            return result
+
+        async def sock_sendto(self, sock: socket.socket, data: Any, address: Any) -> int:
+            """Send a datagram to `address`; returns the bytes sent."""
+            result: int = await self._sock_io(sock, True, sock.sendto, data, address)
+            return result
+
+    async def _sock_io(self, sock: socket.socket, write: bool,
+                       op: Callable[..., Any], *args: Any) -> Any:
+        """``op(*args)`` now, or once `sock` is readable (writable)."""
+        if self._debug and sock.gettimeout() != 0:
+            raise ValueError("the socket must be non-blocking")
+        try:
+            return op(*args)
+        except (BlockingIOError, InterruptedError):
+            pass
+        fut = self.create_future()
+        fd = sock.fileno()
+        self._ensure_fd_no_transport(fd)
+
+        def ready() -> None:
+            if fut.done():
+                return
+            try:
+                result = op(*args)
+            except (BlockingIOError, InterruptedError):
+                return  # not yet: the watch is level-triggered
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+        if write:
+            self._add_writer(fd, ready)
+            fut.add_done_callback(lambda _: self._remove_writer(fd))
+        else:
+            self._add_reader(fd, ready)
+            fut.add_done_callback(lambda _: self._remove_reader(fd))
+        return await fut
+
     def _make_socket_transport(self, sock: socket.socket, protocol: asyncio.BaseProtocol,
                                waiter: Optional["asyncio.Future[None]"] = None, *,
                                extra: Optional[Dict[str, Any]] = None,
