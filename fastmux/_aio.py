@@ -341,28 +341,48 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         fd = conn._fd
         if loop is not None and loop._transports.get(fd) is self:
             del loop._transports[fd]
+        closed_by_us = self._closing
         self._closing = True
         self._conn_lost += 1
+        if self._sock is not None:
+            self._sock.detach()  # the core closed the fd
+            self._sock = None
+        self._aloop = None
+        if self._waiter is not None:
+            # Closed before it was ever connected (connect failed).
+            waiter, self._waiter = self._waiter, None
+            if not waiter.cancelled():
+                waiter.set_exception(exc if exc is not None else ConnectionError(
+                    "connection closed before it was established"))
+        elif self._protocol_connected and loop is not None and not loop.is_closed():
+            # asyncio's transports never call connection_lost from the I/O
+            # event: close() and abort() schedule it (call_soon), so what was
+            # queued before them runs first -- the core reports the end at
+            # its next poll, ahead of those callbacks, hence one hop here.
+            # A reset or error asyncio learns with a read of its own, an
+            # iteration after the data before it (as for EOF, see on_eof),
+            # and then schedules connection_lost: the core saw both in one
+            # poll, hence one hop more.
+            if closed_by_us:
+                loop.call_soon(self._connection_lost, exc)
+            else:
+                loop.call_soon(loop.call_soon, self._connection_lost, exc)
+            return
+        self._detach_server()
+
+    def _connection_lost(self, exc: Optional[BaseException]) -> None:
         try:
-            if self._waiter is not None:
-                # Closed before it was ever connected (connect failed).
-                waiter, self._waiter = self._waiter, None
-                if not waiter.cancelled():
-                    waiter.set_exception(exc if exc is not None else ConnectionError(
-                        "connection closed before it was established"))
-            elif self._protocol_connected and loop is not None and not loop.is_closed():
-                self._call(self._protocol.connection_lost, exc)
+            self._call(self._protocol.connection_lost, exc)
         finally:
-            if self._sock is not None:
-                self._sock.detach()  # the core closed the fd
-                self._sock = None
-            self._aloop = None
-            server, self._server = self._server, None
-            if server is not None:
-                if _SERVER_TRACKS_TRANSPORTS:
-                    server._detach(self)
-                else:
-                    server._detach()
+            self._detach_server()
+
+    def _detach_server(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            if _SERVER_TRACKS_TRANSPORTS:
+                server._detach(self)
+            else:
+                server._detach()
 
     # -- asyncio.Transport -------------------------------------------------------
 
