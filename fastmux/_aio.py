@@ -231,6 +231,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         self._server = server
         self._waiter = waiter
         self._closing = False
+        self._lost_scheduled = False  # connection_lost is queued (see _lose_soon)
         self._eof = False
         self._eof_pending = False  # the core saw EOF; eof_received not called yet
         self._paused = False
@@ -354,21 +355,35 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             if not waiter.cancelled():
                 waiter.set_exception(exc if exc is not None else ConnectionError(
                     "connection closed before it was established"))
+        elif self._lost_scheduled:
+            return  # close() or abort() queued connection_lost already
         elif self._protocol_connected and loop is not None and not loop.is_closed():
             # asyncio's transports never call connection_lost from the I/O
-            # event: close() and abort() schedule it (call_soon), so what was
-            # queued before them runs first -- the core reports the end at
-            # its next poll, ahead of those callbacks, hence one hop here.
-            # A reset or error asyncio learns with a read of its own, an
-            # iteration after the data before it (as for EOF, see on_eof),
-            # and then schedules connection_lost: the core saw both in one
-            # poll, hence one hop more.
+            # event, and the core reports the end in its poll, ahead of the
+            # callbacks queued before it.  A close() that left output to
+            # send: asyncio calls connection_lost once that is sent, from a
+            # write callback run after those -- one hop.  A reset or error:
+            # asyncio learns of it with a read of its own, an iteration
+            # after the data before it (as for EOF, see on_eof), and then
+            # schedules connection_lost -- two hops.
             if closed_by_us:
                 loop.call_soon(self._connection_lost, exc)
             else:
                 loop.call_soon(loop.call_soon, self._connection_lost, exc)
             return
         self._detach_server()
+
+    def _lose_soon(self, exc: Optional[BaseException]) -> None:
+        """Queue connection_lost now, as asyncio's close() (with nothing
+        left to send), abort() and fatal errors do: after what was queued
+        before the call, before what is queued after it.  The core's
+        on_close, at a later poll, then only cleans up."""
+        loop = self._aloop
+        if (self._lost_scheduled or loop is None or loop.is_closed()
+                or self._waiter is not None or not self._protocol_connected):
+            return
+        self._lost_scheduled = True
+        loop.call_soon(self._connection_lost, exc)
 
     def _connection_lost(self, exc: Optional[BaseException]) -> None:
         try:
@@ -478,13 +493,19 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         if self._closing:
             return
         self._closing = True
-        if self._conn is not None:
-            self._conn.close()
+        conn = self._conn
+        if conn is not None:
+            conn._flush_now()
+            drained = conn._cid >= 0 and conn.write_buffer_size == 0
+            conn.close()
+            if drained:
+                self._lose_soon(None)
 
     def abort(self) -> None:
         self._closing = True
         if self._conn is not None:
             self._conn.abort()
+            self._lose_soon(None)
 
     def _fatal_error(self, exc: BaseException, message: str) -> None:
         loop = self._aloop
@@ -501,6 +522,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
                 conn._exc = exc
             self._closing = True
             conn.abort()
+            self._lose_soon(exc)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name in self._extra:
