@@ -21,7 +21,8 @@
 #    that passed on asyncio passed on fastmux (bar a listed, explained
 #    expected difference), and the fastmux passes ran fastmux loops only.
 #
-# About 3 minutes on 2 CPUs (three passes of ~50 s with 4 xdist workers).
+# About 2 minutes on 2 CPUs (100-160 s measured: the venv, then three passes
+# of 25-45 s with 4 xdist workers; the tests mostly wait on sockets and timers).
 # FASTMUX_AIOHTTP_KEEP=1 keeps the work directory; FASTMUX_AIOHTTP_WORKERS
 # sets the xdist workers; FASTMUX_AIOHTTP_PYTEST_ARGS adds pytest arguments
 # (e.g. "-k keepalive").
