@@ -239,6 +239,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         self._server = server
         self._waiter = waiter
         self._closing = False
+        self._lost_scheduled = False  # connection_lost is queued (see _lose_soon)
         self._eof = False
         self._eof_pending = False  # the core saw EOF; eof_received not called yet
         self._paused = False
@@ -362,32 +363,66 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         fd = conn._fd
         if loop is not None and loop._transports.get(fd) is self:
             del loop._transports[fd]
+        closed_by_us = self._closing
         self._closing = True
         self._conn_lost += 1
         drain_waiter = self._drain_waiter
         if drain_waiter is not None and not drain_waiter.done():
             drain_waiter.set_exception(exc if exc is not None else ConnectionError(
                 "connection closed while sendfile was in progress"))
+        if self._sock is not None:
+            self._sock.detach()  # the core closed the fd
+            self._sock = None
+        self._aloop = None
+        if self._waiter is not None:
+            # Closed before it was ever connected (connect failed).
+            waiter, self._waiter = self._waiter, None
+            if not waiter.cancelled():
+                waiter.set_exception(exc if exc is not None else ConnectionError(
+                    "connection closed before it was established"))
+        elif self._lost_scheduled:
+            return  # close() or abort() queued connection_lost already
+        elif self._protocol_connected and loop is not None and not loop.is_closed():
+            # asyncio's transports never call connection_lost from the I/O
+            # event, and the core reports the end in its poll, ahead of the
+            # callbacks queued before it.  A close() that left output to
+            # send: asyncio calls connection_lost once that is sent, from a
+            # write callback run after those -- one hop.  A reset or error:
+            # asyncio learns of it with a read of its own, an iteration
+            # after the data before it (as for EOF, see on_eof), and then
+            # schedules connection_lost -- two hops.
+            if closed_by_us:
+                loop.call_soon(self._connection_lost, exc)
+            else:
+                loop.call_soon(loop.call_soon, self._connection_lost, exc)
+            return
+        self._detach_server()
+
+    def _lose_soon(self, exc: Optional[BaseException]) -> None:
+        """Queue connection_lost now, as asyncio's close() (with nothing
+        left to send), abort() and fatal errors do: after what was queued
+        before the call, before what is queued after it.  The core's
+        on_close, at a later poll, then only cleans up."""
+        loop = self._aloop
+        if (self._lost_scheduled or loop is None or loop.is_closed()
+                or self._waiter is not None or not self._protocol_connected):
+            return
+        self._lost_scheduled = True
+        loop.call_soon(self._connection_lost, exc)
+
+    def _connection_lost(self, exc: Optional[BaseException]) -> None:
         try:
-            if self._waiter is not None:
-                # Closed before it was ever connected (connect failed).
-                waiter, self._waiter = self._waiter, None
-                if not waiter.cancelled():
-                    waiter.set_exception(exc if exc is not None else ConnectionError(
-                        "connection closed before it was established"))
-            elif self._protocol_connected and loop is not None and not loop.is_closed():
-                self._call(self._protocol.connection_lost, exc)
+            self._call(self._protocol.connection_lost, exc)
         finally:
-            if self._sock is not None:
-                self._sock.detach()  # the core closed the fd
-                self._sock = None
-            self._aloop = None
-            server, self._server = self._server, None
-            if server is not None:
-                if _SERVER_TRACKS_TRANSPORTS:
-                    server._detach(self)
-                else:
-                    server._detach()
+            self._detach_server()
+
+    def _detach_server(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            if _SERVER_TRACKS_TRANSPORTS:
+                server._detach(self)
+            else:
+                server._detach()
 
     # -- asyncio.Transport -------------------------------------------------------
 
@@ -490,13 +525,19 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         if self._closing:
             return
         self._closing = True
-        if self._conn is not None:
-            self._conn.close()
+        conn = self._conn
+        if conn is not None:
+            conn._flush_now()
+            drained = conn._cid >= 0 and conn.write_buffer_size == 0
+            conn.close()
+            if drained:
+                self._lose_soon(None)
 
     def abort(self) -> None:
         self._closing = True
         if self._conn is not None:
             self._conn.abort()
+            self._lose_soon(None)
 
     def _fatal_error(self, exc: BaseException, message: str) -> None:
         loop = self._aloop
@@ -513,6 +554,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
                 conn._exc = exc
             self._closing = True
             conn.abort()
+            self._lose_soon(exc)
 
     # -- loop.sendfile() -----------------------------------------------------
 
