@@ -17,45 +17,23 @@
 #    the fastmux_loop plugin: fastmux.install(), so that aiohttp's "pyloop"
 #    loop fixture (asyncio.new_event_loop) makes fastmux loops, on each
 #    native backend; then on stock asyncio.  It fails unless every pass ran
-#    tests and none failed (a failure is retried once, alone), every test
-#    that passed on asyncio passed on fastmux (bar a listed, explained
-#    expected difference), and the fastmux passes ran fastmux loops only.
+#    tests and none failed (a failure is retried once, alone; one that then
+#    passes is listed as flaky), every test that passed on asyncio passed on
+#    fastmux (bar a listed, explained expected difference), and the fastmux
+#    passes ran fastmux loops only.
+# The steps are .ci/compat-lib.sh's, shared with .ci/uvicorn.sh; the runner
+# is tests/compat/harness.py.
 #
 # About 2 minutes on 2 CPUs (100-160 s measured: the venv, then three passes
 # of 25-45 s with 4 xdist workers; the tests mostly wait on sockets and timers).
 # FASTMUX_AIOHTTP_KEEP=1 keeps the work directory; FASTMUX_AIOHTTP_WORKERS
-# sets the xdist workers; FASTMUX_AIOHTTP_PYTEST_ARGS adds pytest arguments
-# (e.g. "-k keepalive").
+# sets the xdist workers; FASTMUX_AIOHTTP_PYTEST_ARGS adds pytest arguments,
+# split as shell words (e.g. "-k 'ssl or keepalive'").
 set -euo pipefail
-cd "$(dirname "$0")/.."
-repo=$(pwd)
-PY=${PYTHON:-python3}
-export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
-export FASTMUX_REQUIRE_C=1   # the epoll pass must run on the C core
-compat="$repo/tests/compat/aiohttp"
-passes=("$@")
-[ ${#passes[@]} -gt 0 ] || passes=(fastmux-epoll fastmux-select asyncio)
+source "$(dirname "$0")/compat-lib.sh"
+compat_init aiohttp 'aiohttp' "$@"
 
-step() { printf '\n=== %s ===\n' "$*"; }
-fail() { echo "aiohttp.sh: $*" >&2; exit 1; }
-t0=$SECONDS
-
-version=$(sed -n 's/^aiohttp==\([0-9.]*\)$/\1/p' "$compat/requirements.txt")
-[ -n "$version" ] || fail "no 'aiohttp==X' line in $compat/requirements.txt"
-
-work=$(mktemp -d)
-if [ "${FASTMUX_AIOHTTP_KEEP:-}" = 1 ]; then
-  echo "work directory (kept): $work"
-else
-  trap 'rm -rf "$work"' EXIT
-fi
-
-step "fresh venv: fastmux from this tree, aiohttp $version and its test dependencies"
-"$PY" -m venv "$work/venv"
-vpy="$work/venv/bin/python"
-"$vpy" -m pip install -q "$repo"
-"$vpy" -m pip install -q -r "$compat/requirements.txt"
-(cd "$work" && "$vpy" - "$work/venv" "$version" <<'PYEOF')
+compat_venv <<'PYEOF'
 import importlib.metadata as md, os, sys
 venv, version = sys.argv[1], sys.argv[2]
 import fastmux, fastmux._core, aiohttp, aiohttp._http_parser
@@ -68,21 +46,6 @@ print(f"  fastmux {fastmux.__version__} (C core), aiohttp {md.version('aiohttp')
       f"(C extensions), Python {sys.version.split()[0]}")
 PYEOF
 
-step "aiohttp $version sdist: its tests"
-# --no-binary aiohttp (not :all:): the sdist of aiohttp itself, while its
-# build backend (needed by pip to read the sdist's metadata) comes as wheels.
-"$vpy" -m pip download -q --no-deps --no-binary aiohttp "aiohttp==$version" -d "$work/sdist"
-sdist="$work/sdist/aiohttp-$version.tar.gz"
-[ -f "$sdist" ] || fail "pip download did not produce $sdist"
-mkdir "$work/src"
-tar -xzf "$sdist" -C "$work/src" --strip-components=1 \
-  "aiohttp-$version/tests" "aiohttp-$version/pytest.ini"
-for f in conftest.py test_web_functional.py test_client_functional.py; do
-  [ -f "$work/src/tests/$f" ] || fail "the sdist has no tests/$f"
-done
-
-step "aiohttp's functional suites: ${passes[*]}"
-rc=0
-(cd "$work/src" && "$vpy" "$compat/run_suite.py" "$work" "${passes[@]}") || rc=$?
-echo "aiohttp.sh: $((SECONDS - t0)) s in all"
-exit "$rc"
+REQUIRED=(conftest.py test_web_functional.py test_client_functional.py)
+compat_sdist pytest.ini
+compat_run "aiohttp's functional suites"
