@@ -132,10 +132,20 @@ def kill_and_await_replacement(pool: fastmux.WorkerPool) -> tuple[int, int]:
     before = pool.pids
     victim = before[0]
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: len(pool.pids) == len(before) and victim not in pool.pids,
-             what="a replacement worker")
-    (replacement,) = set(pool.pids) - set(before)
-    return victim, replacement
+    found: list[int] = []
+
+    def replaced() -> bool:
+        # One read of pool.pids per check: the supervisor's reports arrive
+        # on their own schedule, and two reads may see two of them.
+        now = pool.pids
+        new = set(now) - set(before)
+        if len(now) == len(before) and victim not in now and len(new) == 1:
+            found.append(new.pop())
+            return True
+        return False
+
+    wait_for(replaced, what="a replacement worker")
+    return victim, found[0]
 
 
 def wait_for(predicate, timeout: float = DEADLINE, what: str = "") -> None:
