@@ -58,7 +58,7 @@ if want_c():
             ["csrc/speedups.c"],
             py_limited_api=True,
             define_macros=[("Py_LIMITED_API", "0x030A0000")],
-            extra_compile_args=["-O2", "-Wall", "-Wextra"] + san,
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"] + san,
             extra_link_args=san,
         )
     ]

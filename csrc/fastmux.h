@@ -74,6 +74,7 @@ typedef struct fm_stats {
     uint64_t emfile;
     uint64_t messages_in;
     int64_t connections_open;
+    uint64_t messages_out;   /* fm_queue calls that queued bytes */
 } fm_stats;
 
 fm_loop *fm_loop_new(void);
@@ -106,6 +107,22 @@ int fm_conn_set(fm_loop *loop, int cid, uint64_t max_write_buffer,
 /* Queue `len` bytes and try to send them now.  Returns the bytes still queued
  * (>= 0), or -errno if the connection can no longer send. */
 int64_t fm_send(fm_loop *loop, int cid, const char *data, size_t len);
+/* Queue `len` bytes for fm_flush(), which sends everything queued for a
+ * connection with one send(2): the write path of the C Connection type
+ * (csrc/speedups.c).  A write of FM_SEND_NOW bytes or more is sent at once,
+ * together with what was queued before it (one sendmsg, no copy unless the
+ * kernel leaves some).  Never emits events, so it may be called between
+ * polls.  Returns the bytes held for the connection (>= 0) or -errno. */
+int64_t fm_queue(fm_loop *loop, int cid, const char *data, size_t len);
+/* Send what fm_queue() queued, one send per connection; end_iteration says
+ * the loop iteration is over (a later fm_queue wakes a hosting loop).
+ * Returns the number of connections flushed. */
+int fm_flush(fm_loop *loop, int end_iteration);
+/* fm_flush() for one connection; returns the bytes still held or -errno. */
+int64_t fm_flush_conn(fm_loop *loop, int cid);
+/* The functions above (and fm_poll) as a table of pointers, for the
+ * limited-API extension that calls them without cffi (fm_api below). */
+const void *fm_api_table(void);
 int fm_close(fm_loop *loop, int cid);      /* flush, then close */
 int fm_abort(fm_loop *loop, int cid);      /* close now, drop output */
 int fm_shutdown(fm_loop *loop, int cid);   /* SHUT_WR once output is flushed */
@@ -145,7 +162,21 @@ int fm_split(int kind, uint64_t max_size, uint32_t n, const char *sep,
 #define FM_CONST_DEFAULT_LOW 5       /* write queue low watermark               */
 #define FM_CONST_DISCARD_MAX 6       /* input discarded before a close          */
 #define FM_CONST_EMFILE_BACKOFF_MS 7 /* accept pause when out of fds            */
+#define FM_CONST_SEND_NOW 8          /* fm_queue sends writes this big at once  */
 int64_t fm_const(int which);
 /* FM_CDEF_END */
+
+/* What fm_api_table() points to: the calls csrc/speedups.c makes on the hot
+ * path, with the GIL held (fm_queue, fm_flush*, fm_pause) or released
+ * (fm_poll). */
+typedef struct fm_api {
+    int abi;                 /* FM_API_ABI */
+    int (*poll)(fm_loop *, int);
+    int64_t (*queue)(fm_loop *, int, const char *, size_t);
+    int (*flush)(fm_loop *, int);
+    int64_t (*flush_conn)(fm_loop *, int);
+    fm_batch *(*batch)(fm_loop *);
+} fm_api;
+#define FM_API_ABI 1
 
 #endif

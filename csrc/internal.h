@@ -26,6 +26,7 @@
 #define FM_EMFILE_BACKOFF_MS 100        /* accept pause when out of fds       */
 #define FM_MAX_FRAMINGS 4096            /* framing specs per loop             */
 #define FM_MAX_IDLE_LISTS 16            /* distinct idle_timeout values       */
+#define FM_SEND_NOW (16 * 1024)         /* fm_queue sends writes this big now */
 
 /* Tags in the type byte of epoll_data.u64: gen << 32 | type << 24 | slot. */
 enum { FM_T_CONN = 1, FM_T_LISTENER = 2, FM_T_WATCH = 3, FM_T_WAKE = 4, FM_T_TIMER = 5 };
@@ -46,6 +47,7 @@ enum { FM_T_CONN = 1, FM_T_LISTENER = 2, FM_T_WATCH = 3, FM_T_WAKE = 4, FM_T_TIM
 #define FM_C_RDHUP       0x0800u  /* the kernel said FIN is queued          */
 #define FM_C_IDLE_LINKED 0x1000u  /* on an idle list                        */
 #define FM_C_DRAIN_DUE   0x2000u  /* emit DRAIN from the ready list          */
+#define FM_C_DIRTY       0x4000u  /* fm_queue'd output awaits fm_flush       */
 
 typedef struct fm_buf {
     char *p;
@@ -117,6 +119,7 @@ struct fm_loop {
     int forked;
     int wake_pending;        /* only the first fm_wakeup() writes          */
     int in_poll;             /* inside fm_poll: no need to wake a host     */
+    int iterating;           /* between fm_poll and fm_flush(loop, 1)      */
 
     fm_batch batch;
     size_t arena_cap;
@@ -137,6 +140,9 @@ struct fm_loop {
 
     fm_framing *framings;
     int nframings;
+
+    int *dirty;              /* slots with FM_C_DIRTY set (maybe stale)    */
+    int ndirty, dirty_cap;
 
     fm_conn *ready_head, *ready_tail;
     fm_conn *dying;          /* dead, CLOSED not yet emitted */

@@ -81,6 +81,7 @@ int64_t fm_const(int which)
     case FM_CONST_DEFAULT_LOW: return FM_DEFAULT_LOW;
     case FM_CONST_DISCARD_MAX: return FM_DISCARD_MAX;
     case FM_CONST_EMFILE_BACKOFF_MS: return FM_EMFILE_BACKOFF_MS;
+    case FM_CONST_SEND_NOW: return FM_SEND_NOW;
     }
     return -1;
 }
@@ -173,6 +174,7 @@ void fm_loop_free(fm_loop *loop)
     free(loop->free_slots);
     free(loop->listeners);
     free(loop->watches);
+    free(loop->dirty);
     free(loop->framings);
     free(loop->batch.ev);
     free(loop->batch.arena);
@@ -576,6 +578,7 @@ int fm_poll(fm_loop *loop, int timeout_ms)
 {
     int n;
     loop->in_poll = 1;
+    loop->iterating = 1;
     n = fm__poll(loop, timeout_ms);
     loop->in_poll = 0;
     return n;

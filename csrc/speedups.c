@@ -1,140 +1,624 @@
 /*
- * speedups.c -- the message-dispatch loop of fastmux/_loop.py, in C.
+ * speedups.c -- the hot path of fastmux's epoll backend, in C.
  *
- * cffi cannot create Python objects from C, so a batch crosses into Python
- * as integers that Python must decode, slice and dispatch one by one.  This
- * module (limited API, so the abi3 wheel keeps working) runs the same loop
- * over the C batch directly: for each message it builds the bytes straight
- * from the arena and calls the connection's on_message.  Measured with
- * benchmarks/callgrind_dispatch.py (16 x 64 B per read, echo handler): about
- * 1,000 fewer instructions a message than the Python loop, which is 45 % of
- * fastmux's user-space overhead above a hand-written floor.
+ * cffi cannot create Python objects from C, so without this module a batch
+ * crosses into Python as integers that Python decodes, slices and
+ * dispatches one by one, and every write is a Python frame, a list append
+ * and, per connection and iteration, a join and a cffi call.  This module
+ * (limited API, so the abi3 wheel keeps working) holds the two objects that
+ * sit on the C core directly:
  *
- * It is an accelerator, not a second implementation of the rules: it
+ *   Core    one per epoll loop.  iterate() sends what was queued, polls with
+ *           the GIL released and delivers the batch's messages; finish()
+ *           sends what the iteration wrote.  It calls the core through the
+ *           function table of fm_api_table() (fastmux.h), not through cffi.
+ *   Stream  the base type of fastmux.Connection.  Its fields are the ones
+ *           the hot path reads (_deliver, _on_message, _cid, ...), as
+ *           C members that Python code reads and sets like slots; write()
+ *           and writelines() put bytes straight into the core's output
+ *           queue (fm_queue) -- no Python frame, no per-message list.
+ *
+ * It is an accelerator, not a second implementation of the rules: dispatch
  * handles only FM_EV_MSG events and does exactly what Loop._dispatch does
  * for them (deliver if conn._deliver, else conn._defer(data) unless the
- * connection is closed).  At the first other event it returns, and Python
- * handles that event with the one shared implementation.  The select
- * backend, and the epoll backend without this module, use the Python loop;
- * the same test suite runs against all three.
+ * connection is closed); at the first other event it returns and Python
+ * handles that event with the one shared implementation.  A Stream not
+ * bound to a Core (the select backend) writes the Python way: the bytes go
+ * to its _wbuf and the loop's _flush sends them.  FASTMUX_NO_SPEEDUPS=1 runs
+ * the pure-Python equivalents, and the test suite runs against all of them.
  *
- * Only fastmux/_epoll.py imports this module.
+ * Only fastmux/_epoll.py and fastmux/_loop.py import this module.
  */
 #define PY_SSIZE_T_CLEAN
 #ifndef Py_LIMITED_API
 #define Py_LIMITED_API 0x030A0000 /* CPython 3.10: the abi3 floor */
 #endif
 #include <Python.h>
+#include <structmember.h>
+#include <dlfcn.h>
 #include <stdint.h>
 
-#include "fastmux.h" /* FM_EV_MSG: the event kinds have one source */
+#include "fastmux.h" /* FM_EV_MSG, fm_api: one source for the ABI */
 
-static PyObject *s_deliver, *s_closed, *s_on_message, *s_defer;
+/* ---- calling Python ------------------------------------------------------
+ * PyObject_Vectorcall entered the limited API in 3.12, but CPython exports
+ * it from 3.11 on; where it is found it saves the argument tuple (and the
+ * bound method's re-packing) on every handler call. */
+#ifndef PY_VECTORCALL_ARGUMENTS_OFFSET
+#define PY_VECTORCALL_ARGUMENTS_OFFSET ((size_t)1 << (8 * sizeof(size_t) - 1))
+#endif
+typedef PyObject *(*vectorcall_fn)(PyObject *, PyObject *const *, size_t, PyObject *);
+static vectorcall_fn s_vectorcall;
 
-/* dispatch(ev_addr, arena_addr, n, i, conns) -> (j, exc)
- *
- * Handle MSG events from index i while they last; j is the index of the
- * first event not handled (n when done).  If a handler raised an Exception,
- * it stops after that event and returns it as exc (the event's connection
- * is the one with id ev[4*(j-1)+1]); other exceptions propagate. */
-static PyObject *dispatch(PyObject *self, PyObject *args)
+static PyObject *call2(PyObject *f, PyObject *a, PyObject *b)
 {
-    unsigned long long ev_addr, arena_addr;
-    Py_ssize_t n, i;
+    if (s_vectorcall != NULL) {
+        PyObject *args[3] = {NULL, a, b};
+        return s_vectorcall(f, args + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    return PyObject_CallFunctionObjArgs(f, a, b, NULL);
+}
+
+static PyObject *s_deliver, *s_closed, *s_on_message, *s_defer, *s_mark_dirty, *s_data;
+static PyObject *s_closed_error;  /* fastmux.ConnectionClosed (setup()) */
+static PyObject *s_check_bytes;   /* fastmux._checks.check_bytes (setup()) */
+static PyTypeObject *s_core_type, *s_stream_type;
+
+/* ---- Core ---------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    const fm_api *api;
+    fm_loop *loop;   /* NULL once detached: the loop is closed */
+    PyObject *conns; /* Loop._conns: connection objects by id */
+    int n;           /* events in the batch of the last poll */
+} CoreObject;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *loop;       /* _loop */
+    PyObject *on_message; /* _on_message */
+    PyObject *wbuf;       /* _wbuf: the unbound (Python) write path */
+    CoreObject *core;     /* _core: NULL on the Python path */
+    int cid;              /* _cid */
+    long long queued;     /* _queued */
+    char closed, wclosed, deliver; /* _closed, _wclosed, _deliver */
+} StreamObject;
+
+static int core_live(CoreObject *self)
+{
+    if (self->loop != NULL)
+        return 1;
+    PyErr_SetString(PyExc_RuntimeError, "fastmux: the loop is closed");
+    return 0;
+}
+
+static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    unsigned long long api_addr, loop_addr;
     PyObject *conns;
+    CoreObject *self;
+    const fm_api *api;
 
-    if (!PyArg_ParseTuple(args, "KKnnO!", &ev_addr, &arena_addr, &n, &i,
-                          &PyList_Type, &conns))
+    if (!PyArg_ParseTuple(args, "KKO!:Core", &api_addr, &loop_addr, &PyList_Type, &conns))
         return NULL;
-    const uint32_t *ev = (const uint32_t *)(uintptr_t)ev_addr;
-    const char *arena = (const char *)(uintptr_t)arena_addr;
+    api = (const fm_api *)(uintptr_t)api_addr;
+    if (api == NULL || api->abi != FM_API_ABI || loop_addr == 0) {
+        PyErr_SetString(PyExc_ValueError, "fastmux: core and accelerator do not match");
+        return NULL;
+    }
+    self = (CoreObject *)PyType_GenericNew(type, NULL, NULL);
+    if (self == NULL)
+        return NULL;
+    self->api = api;
+    self->loop = (fm_loop *)(uintptr_t)loop_addr;
+    Py_INCREF(conns);
+    self->conns = conns;
+    return (PyObject *)self;
+}
 
-    for (; i < n; i++) {
-        const uint32_t *e = ev + 4 * i;
-        PyObject *conn, *data, *flag, *r;
-        int deliver;
+static int core_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(((CoreObject *)op)->conns);
+    return 0;
+}
 
-        if (e[0] != FM_EV_MSG)
-            break;
-        conn = PyList_GetItem(conns, (Py_ssize_t)e[1]); /* borrowed */
-        if (conn == NULL)
-            return NULL;
-        flag = PyObject_GetAttr(conn, s_deliver);
+static int core_clear(PyObject *op)
+{
+    Py_CLEAR(((CoreObject *)op)->conns);
+    return 0;
+}
+
+static void core_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    PyObject_GC_UnTrack(op);
+    core_clear(op);
+    tp_free(op);
+    Py_DECREF(tp);
+}
+
+/* A handler raised an Exception: fetch it (as a new reference) so that
+ * the caller can hand it back.  KeyboardInterrupt and friends propagate:
+ * returns -1 for those. */
+static int handler_failed(PyObject **exc)
+{
+    PyObject *type, *value, *tb;
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    if (value == NULL) {
+        Py_INCREF(Py_None);
+        value = Py_None;
+    }
+    *exc = value;
+    return 0;
+}
+
+/* One MSG event: deliver, defer, or drop (closed).  Returns a new reference
+ * to the handler's result, or NULL with an exception set. */
+static PyObject *deliver_one(PyObject *conn, const char *p, Py_ssize_t len)
+{
+    PyObject *data, *r;
+    int deliver, closed;
+
+    if (PyObject_TypeCheck(conn, s_stream_type)) {
+        StreamObject *s = (StreamObject *)conn;
+        if (s->deliver && s->on_message != NULL) {
+            PyObject *om = s->on_message;
+            data = PyBytes_FromStringAndSize(p, len);
+            if (data == NULL)
+                return NULL;
+            Py_INCREF(om); /* the handler may replace itself */
+            r = call2(om, conn, data);
+            Py_DECREF(om);
+            Py_DECREF(data);
+            return r;
+        }
+        deliver = s->deliver;
+        closed = s->closed;
+    } else {
+        PyObject *flag = PyObject_GetAttr(conn, s_deliver);
         if (flag == NULL)
             return NULL;
         deliver = PyObject_IsTrue(flag);
         Py_DECREF(flag);
         if (deliver < 0)
             return NULL;
-        data = PyBytes_FromStringAndSize(arena + e[2], (Py_ssize_t)(e[3] - e[2]));
-        if (data == NULL)
+        flag = PyObject_GetAttr(conn, s_closed);
+        if (flag == NULL)
             return NULL;
-        if (deliver) {
-            PyObject *om = PyObject_GetAttr(conn, s_on_message);
-            if (om == NULL) {
-                Py_DECREF(data);
-                return NULL;
-            }
-            r = PyObject_CallFunctionObjArgs(om, conn, data, NULL);
-            Py_DECREF(om);
-        } else {
-            int closed;
-            flag = PyObject_GetAttr(conn, s_closed);
-            if (flag == NULL) {
-                Py_DECREF(data);
-                return NULL;
-            }
-            closed = PyObject_IsTrue(flag);
-            Py_DECREF(flag);
-            if (closed < 0) {
-                Py_DECREF(data);
-                return NULL;
-            }
-            r = closed ? (Py_INCREF(Py_None), Py_None)
-                       : PyObject_CallMethodObjArgs(conn, s_defer, data, NULL);
-        }
-        Py_DECREF(data);
-        if (r == NULL) {
-            PyObject *type, *value, *tb;
-            if (!PyErr_ExceptionMatches(PyExc_Exception))
-                return NULL; /* KeyboardInterrupt and friends leave run() */
-            PyErr_Fetch(&type, &value, &tb);
-            PyErr_NormalizeException(&type, &value, &tb);
-            if (tb != NULL && value != NULL)
-                PyException_SetTraceback(value, tb);
-            Py_XDECREF(type);
-            Py_XDECREF(tb);
-            if (value == NULL) {
-                Py_INCREF(Py_None);
-                value = Py_None;
-            }
-            return Py_BuildValue("(nN)", i + 1, value);
-        }
+        closed = PyObject_IsTrue(flag);
+        Py_DECREF(flag);
+        if (closed < 0)
+            return NULL;
+    }
+    if (!deliver && closed)
+        Py_RETURN_NONE;
+    data = PyBytes_FromStringAndSize(p, len);
+    if (data == NULL)
+        return NULL;
+    if (deliver) {
+        PyObject *om = PyObject_GetAttr(conn, s_on_message);
+        r = om == NULL ? NULL : call2(om, conn, data);
+        Py_XDECREF(om);
+    } else {
+        r = PyObject_CallMethodObjArgs(conn, s_defer, data, NULL);
+    }
+    Py_DECREF(data);
+    return r;
+}
+
+/* Deliver the MSG events of the batch from index i while they last.
+ * Returns j, the first event not handled (n when done), or -1 with an
+ * exception set.  If a handler raised an Exception, it stops after that
+ * event (j - 1) and stores the exception in *exc (else *exc is NULL). */
+static Py_ssize_t core_run(CoreObject *self, Py_ssize_t i, PyObject **exc)
+{
+    fm_batch *b;
+    Py_ssize_t n = self->n;
+
+    *exc = NULL;
+    if (!core_live(self))
+        return -1;
+    b = self->api->batch(self->loop);
+    for (; i < n; i++) {
+        const uint32_t *e = b->ev + 4 * i;
+        PyObject *conn, *r;
+
+        if (e[0] != FM_EV_MSG)
+            break;
+        conn = PyList_GetItem(self->conns, (Py_ssize_t)e[1]); /* borrowed */
+        if (conn == NULL)
+            return -1;
+        Py_INCREF(conn);
+        r = deliver_one(conn, b->arena + e[2], (Py_ssize_t)(e[3] - e[2]));
+        Py_DECREF(conn);
+        if (r == NULL)
+            return handler_failed(exc) < 0 ? -1 : i + 1;
         Py_DECREF(r);
     }
-    return Py_BuildValue("(nO)", i, Py_None);
+    return i;
+}
+
+static PyObject *run_result(Py_ssize_t j, PyObject *exc)
+{
+    if (j < 0)
+        return NULL;
+    if (exc == NULL)
+        return Py_BuildValue("(nO)", j, Py_None);
+    return Py_BuildValue("(nN)", j, exc);
+}
+
+static int timeout_ms(PyObject *timeout, int *ms)
+{
+    double t;
+    if (timeout == Py_None) {
+        *ms = -1;
+        return 0;
+    }
+    t = PyFloat_AsDouble(timeout);
+    if (t == -1.0 && PyErr_Occurred())
+        return -1;
+    if (!(t > 0))
+        *ms = 0;
+    else if (t >= 2147483.0)
+        *ms = 0x7fffffff;
+    else
+        *ms = (int)(t * 1000.0) + 1; /* never wake before a timer is due */
+    return 0;
+}
+
+/* iterate(timeout) -> (n, j, exc): send what was queued, poll (timeout in
+ * seconds, None: until something happens) with the GIL released, and
+ * deliver messages as run(0) does. */
+static PyObject *core_iterate(PyObject *op, PyObject *timeout)
+{
+    CoreObject *self = (CoreObject *)op;
+    PyObject *exc;
+    Py_ssize_t j;
+    int ms, n;
+
+    if (timeout_ms(timeout, &ms) < 0 || !core_live(self))
+        return NULL;
+    self->api->flush(self->loop, 0);
+    if (ms == 0) {
+        n = self->api->poll(self->loop, 0); /* no wait: keep the GIL */
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        n = self->api->poll(self->loop, ms);
+        Py_END_ALLOW_THREADS
+    }
+    if (n < 0) {
+        self->n = 0;
+        errno = -n;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    self->n = n;
+    if (n == 0)
+        return Py_BuildValue("(inO)", 0, (Py_ssize_t)0, Py_None);
+    j = core_run(self, 0, &exc);
+    if (j < 0)
+        return NULL;
+    if (exc == NULL)
+        return Py_BuildValue("(inO)", n, j, Py_None);
+    return Py_BuildValue("(inN)", n, j, exc);
+}
+
+static PyObject *core_dispatch(PyObject *op, PyObject *arg)
+{
+    Py_ssize_t i = PyLong_AsSsize_t(arg), j;
+    PyObject *exc;
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    j = core_run((CoreObject *)op, i, &exc);
+    return run_result(j, exc);
+}
+
+static PyObject *core_event(PyObject *op, PyObject *arg)
+{
+    CoreObject *self = (CoreObject *)op;
+    Py_ssize_t i = PyLong_AsSsize_t(arg);
+    const uint32_t *e;
+
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (!core_live(self))
+        return NULL;
+    if (i < 0 || i >= self->n) {
+        PyErr_SetString(PyExc_IndexError, "event index out of range");
+        return NULL;
+    }
+    e = self->api->batch(self->loop)->ev + 4 * i;
+    return Py_BuildValue("(IIII)", e[0], e[1], e[2], e[3]);
+}
+
+static PyObject *core_finish(PyObject *op, PyObject *unused)
+{
+    CoreObject *self = (CoreObject *)op;
+    if (self->loop != NULL)
+        self->api->flush(self->loop, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_flush_conn(PyObject *op, PyObject *arg)
+{
+    CoreObject *self = (CoreObject *)op;
+    long cid = PyLong_AsLong(arg);
+    if (cid == -1 && PyErr_Occurred())
+        return NULL;
+    if (!core_live(self))
+        return NULL;
+    return PyLong_FromLongLong((long long)self->api->flush_conn(self->loop, (int)cid));
+}
+
+static PyObject *core_detach(PyObject *op, PyObject *unused)
+{
+    ((CoreObject *)op)->loop = NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef core_methods[] = {
+    {"iterate", core_iterate, METH_O,
+     "iterate(timeout) -> (n, j, exc): flush, poll, deliver messages; see csrc/speedups.c."},
+    {"dispatch", core_dispatch, METH_O,
+     "dispatch(i) -> (j, exc): deliver the batch's messages from event i on."},
+    {"event", core_event, METH_O, "event(i) -> (kind, id, start, end) of the last batch."},
+    {"finish", core_finish, METH_NOARGS, "Send what this iteration wrote; the iteration ends."},
+    {"flush_conn", core_flush_conn, METH_O,
+     "flush_conn(cid) -> bytes still queued (or -errno): send that connection's writes now."},
+    {"detach", core_detach, METH_NOARGS, "The loop is being freed: never touch it again."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot core_slots[] = {
+    {Py_tp_new, core_new},
+    {Py_tp_dealloc, core_dealloc},
+    {Py_tp_traverse, core_traverse},
+    {Py_tp_clear, core_clear},
+    {Py_tp_methods, core_methods},
+    {Py_tp_doc, "Core(api_addr, loop_addr, conns): the hot path over one C loop."},
+    {0, NULL},
+};
+
+static PyType_Spec core_spec = {
+    "fastmux._speedups.Core", sizeof(CoreObject), 0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, core_slots,
+};
+
+/* ---- Stream ---------------------------------------------------------------- */
+
+static int stream_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    StreamObject *s = (StreamObject *)op;
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(s->loop);
+    Py_VISIT(s->on_message);
+    Py_VISIT(s->wbuf);
+    Py_VISIT((PyObject *)s->core);
+    return 0;
+}
+
+static int stream_clear(PyObject *op)
+{
+    StreamObject *s = (StreamObject *)op;
+    Py_CLEAR(s->loop);
+    Py_CLEAR(s->on_message);
+    Py_CLEAR(s->wbuf);
+    Py_CLEAR(s->core);
+    return 0;
+}
+
+static void stream_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    PyObject_GC_UnTrack(op);
+    stream_clear(op);
+    tp_free(op);
+    Py_DECREF(tp);
+}
+
+static PyObject *stream_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    StreamObject *s = (StreamObject *)PyType_GenericNew(type, NULL, NULL);
+    if (s != NULL) {
+        s->cid = -1;
+        s->deliver = 1;
+    }
+    return (PyObject *)s;
+}
+
+static int stream_write1(StreamObject *s, PyObject *data)
+{
+    Py_ssize_t len;
+    int rc = 0;
+
+    if (s->wclosed) {
+        PyErr_SetString(s_closed_error, "write on a closed connection");
+        return -1;
+    }
+    if (PyBytes_CheckExact(data)) {
+        Py_INCREF(data);
+    } else if (s_check_bytes == NULL) {
+        PyErr_SetString(PyExc_TypeError, "data must be bytes");
+        return -1;
+    } else {
+        data = call2(s_check_bytes, data, s_data);
+        if (data == NULL)
+            return -1;
+    }
+    len = PyBytes_Size(data);
+    if (len > 0) {
+        CoreObject *core = s->core;
+        if (core != NULL && core->loop != NULL && s->cid >= 0) {
+            s->queued = (long long)core->api->queue(core->loop, s->cid,
+                                                    PyBytes_AsString(data), (size_t)len);
+        } else if (s->wbuf == NULL) {
+            PyErr_SetString(PyExc_AttributeError, "_wbuf");
+            rc = -1;
+        } else {
+            if (PyList_Size(s->wbuf) == 0) {
+                PyObject *r = PyObject_CallMethodObjArgs((PyObject *)s, s_mark_dirty, NULL);
+                if (r == NULL)
+                    rc = -1;
+                Py_XDECREF(r);
+            }
+            if (rc == 0)
+                rc = PyList_Append(s->wbuf, data);
+        }
+    }
+    Py_DECREF(data);
+    return rc;
+}
+
+static PyObject *stream_write(PyObject *op, PyObject *data)
+{
+    if (stream_write1((StreamObject *)op, data) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *stream_writelines(PyObject *op, PyObject *lines)
+{
+    PyObject *it = PyObject_GetIter(lines), *item;
+    if (it == NULL)
+        return NULL;
+    while ((item = PyIter_Next(it)) != NULL) {
+        int rc = stream_write1((StreamObject *)op, item);
+        Py_DECREF(item);
+        if (rc < 0) {
+            Py_DECREF(it);
+            return NULL;
+        }
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *stream_bind(PyObject *op, PyObject *core)
+{
+    StreamObject *s = (StreamObject *)op;
+    if (core != Py_None && !PyObject_TypeCheck(core, s_core_type)) {
+        PyErr_SetString(PyExc_TypeError, "_bind: a Core or None");
+        return NULL;
+    }
+    Py_XDECREF(s->core);
+    s->core = core == Py_None ? NULL : (CoreObject *)core;
+    Py_XINCREF(s->core);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef stream_methods[] = {
+    {"write", stream_write, METH_O,
+     "Queue `data` (any bytes-like; its content is taken now).\n\n"
+     "Everything written during one loop iteration leaves in one send at\n"
+     "the end of it (a write of 16 KiB or more on the epoll backend goes at\n"
+     "once).  Raises ConnectionClosed after close(), abort(),\n"
+     "shutdown_write() or a detected reset."},
+    {"writelines", stream_writelines, METH_O,
+     "Write each item of `lines` (no separator is added)."},
+    {"_bind", stream_bind, METH_O, "Write into this Core's queue (None: the Python way)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef stream_members[] = {
+    {"_loop", T_OBJECT_EX, offsetof(StreamObject, loop), 0, NULL},
+    {"_on_message", T_OBJECT_EX, offsetof(StreamObject, on_message), 0, NULL},
+    {"_wbuf", T_OBJECT_EX, offsetof(StreamObject, wbuf), 0, NULL},
+    {"_core", T_OBJECT, offsetof(StreamObject, core), READONLY, NULL},
+    {"_cid", T_INT, offsetof(StreamObject, cid), 0, NULL},
+    {"_queued", T_LONGLONG, offsetof(StreamObject, queued), 0, NULL},
+    {"_closed", T_BOOL, offsetof(StreamObject, closed), 0, NULL},
+    {"_wclosed", T_BOOL, offsetof(StreamObject, wclosed), 0, NULL},
+    {"_deliver", T_BOOL, offsetof(StreamObject, deliver), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot stream_slots[] = {
+    {Py_tp_new, stream_new},
+    {Py_tp_dealloc, stream_dealloc},
+    {Py_tp_traverse, stream_traverse},
+    {Py_tp_clear, stream_clear},
+    {Py_tp_methods, stream_methods},
+    {Py_tp_members, stream_members},
+    {Py_tp_doc, "The C base of fastmux.Connection: its hot fields and its writes."},
+    {0, NULL},
+};
+
+static PyType_Spec stream_spec = {
+    "fastmux._speedups.Stream", sizeof(StreamObject), 0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC, stream_slots,
+};
+
+/* ---- module ------------------------------------------------------------------ */
+
+/* setup(ConnectionClosed, check_bytes): what write() raises and how it
+ * converts bytes-likes (one implementation of the rule, in Python). */
+static PyObject *setup(PyObject *self, PyObject *args)
+{
+    PyObject *closed_error, *check_bytes;
+    if (!PyArg_ParseTuple(args, "OO:setup", &closed_error, &check_bytes))
+        return NULL;
+    Py_INCREF(closed_error);
+    Py_XDECREF(s_closed_error);
+    s_closed_error = closed_error;
+    Py_INCREF(check_bytes);
+    Py_XDECREF(s_check_bytes);
+    s_check_bytes = check_bytes;
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"dispatch", dispatch, METH_VARARGS,
-     "dispatch(ev_addr, arena_addr, n, i, conns) -> (j, exc): deliver the "
-     "MSG events of a batch from index i on; see csrc/speedups.c."},
+    {"setup", setup, METH_VARARGS,
+     "setup(ConnectionClosed, check_bytes): see csrc/speedups.c."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "fastmux._speedups",
-    "The message-dispatch loop of fastmux's epoll backend, in C.", -1, methods,
+    "The hot path of fastmux's epoll backend, in C.", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__speedups(void)
 {
+    PyObject *m;
+
+    s_vectorcall = (vectorcall_fn)dlsym(RTLD_DEFAULT, "PyObject_Vectorcall");
     s_deliver = PyUnicode_InternFromString("_deliver");
     s_closed = PyUnicode_InternFromString("_closed");
     s_on_message = PyUnicode_InternFromString("_on_message");
     s_defer = PyUnicode_InternFromString("_defer");
-    if (!s_deliver || !s_closed || !s_on_message || !s_defer)
+    s_mark_dirty = PyUnicode_InternFromString("_mark_dirty");
+    s_data = PyUnicode_InternFromString("data");
+    if (!s_deliver || !s_closed || !s_on_message || !s_defer || !s_mark_dirty || !s_data)
         return NULL;
-    return PyModule_Create(&module);
+    s_closed_error = PyExc_RuntimeError;
+    Py_INCREF(s_closed_error);
+    m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    s_core_type = (PyTypeObject *)PyType_FromSpec(&core_spec);
+    s_stream_type = (PyTypeObject *)PyType_FromSpec(&stream_spec);
+    if (s_core_type == NULL || s_stream_type == NULL ||
+        PyModule_AddObject(m, "Core", (PyObject *)s_core_type) < 0)
+        goto fail;
+    Py_INCREF(s_core_type); /* the module took one reference; we keep ours */
+    if (PyModule_AddObject(m, "Stream", (PyObject *)s_stream_type) < 0)
+        goto fail;
+    Py_INCREF(s_stream_type);
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
 }

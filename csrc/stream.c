@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -606,6 +607,181 @@ int64_t fm_send(fm_loop *loop, int cid, const char *data, size_t len)
     return (int64_t)c->out.len;
 }
 
+/* ---- queued writes (the C Connection's path) --------------------------- */
+
+/* Send what fm_queue() left for the end of the iteration: fm_send()'s rules
+ * (watermarks, max_write_buffer), outside fm_poll, so a DRAIN it owes goes
+ * through the ready list instead of the batch.  Returns 0 or -errno. */
+static int fm__send_queued(fm_loop *loop, fm_conn *c)
+{
+    size_t sent;
+    int rc;
+
+    c->flags &= ~FM_C_DIRTY;
+    rc = fm__send_some(loop, c, c->out.p + c->out.off, c->out.len, &sent);
+    if (rc < 0)
+        return rc;
+    fm__buf_consume(&c->out, sent);
+    if (c->max_wbuf > 0 && c->out.len > c->max_wbuf) {
+        fm__conn_kill(loop, c, 0, FM_R_WBUFFULL);
+        return -ENOBUFS;
+    }
+    if ((c->flags & FM_C_WANT_DRAIN) && c->out.len <= c->low) {
+        c->flags |= FM_C_DRAIN_DUE;
+        fm__ready_push(loop, c);
+    }
+    return 0;
+}
+
+/* A big write goes now, behind what was queued before it: one sendmsg over
+ * both, so the payload is not copied unless the kernel leaves part of it.
+ * Returns the bytes of `data` sent, or -errno after killing the connection. */
+static ssize_t fm__send_now(fm_loop *loop, fm_conn *c, const char *data, size_t len)
+{
+    struct iovec iov[2];
+    struct msghdr msg;
+    size_t queued = c->out.len;
+    ssize_t n;
+    int k = 0;
+
+    if (len > FM_IO_MAX - queued)
+        len = FM_IO_MAX - queued; /* the rest is copied; the next send takes it */
+    if (queued > 0) {
+        iov[k].iov_base = c->out.p + c->out.off;
+        iov[k++].iov_len = queued;
+    }
+    iov[k].iov_base = (void *)data;
+    iov[k++].iov_len = len;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = iov;
+    msg.msg_iovlen = (size_t)k;
+    do
+        n = sendmsg(c->fd, &msg, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        int err = errno;
+        if (err == EAGAIN || err == EWOULDBLOCK)
+            return 0;
+        fm__conn_kill(loop, c, err, FM_R_ERROR);
+        return -err;
+    }
+    loop->stats.writes++;
+    loop->stats.bytes_out += (uint64_t)n;
+    if ((size_t)n <= queued) {
+        fm__buf_consume(&c->out, (size_t)n);
+        return 0;
+    }
+    fm__buf_consume(&c->out, queued);
+    return n - (ssize_t)queued;
+}
+
+int64_t fm_queue(fm_loop *loop, int cid, const char *data, size_t len)
+{
+    fm_conn *c = fm__conn_get(loop, cid);
+    size_t done = 0;
+    int waiting;
+
+    if (c == NULL)
+        return -EBADF;
+    if (c->flags & (FM_C_CLOSING | FM_C_SHUT_WANTED))
+        return -EPIPE;
+    if (len == 0)
+        return (int64_t)c->out.len;
+    loop->stats.messages_out++;
+    if (c->out.len + len > c->high)
+        c->flags |= FM_C_WANT_DRAIN;
+    /* Output the kernel refused earlier waits for EPOLLOUT (and a connect in
+     * progress for its completion): new bytes go behind it. */
+    waiting = (c->flags & FM_C_CONNECTING) || (c->out.len > 0 && !(c->flags & FM_C_DIRTY));
+    if (len >= FM_SEND_NOW && !waiting) {
+        ssize_t n = fm__send_now(loop, c, data, len);
+        if (n < 0)
+            return n;
+        done = (size_t)n;
+        c->flags &= ~FM_C_DIRTY; /* what is left waits for EPOLLOUT */
+        waiting = c->out.len > 0 || done < len;
+    }
+    if (done < len) {
+        if (fm__buf_reserve(&c->out, len - done) < 0) {
+            fm__conn_kill(loop, c, ENOMEM, FM_R_ERROR);
+            return -ENOMEM;
+        }
+        memcpy(c->out.p + c->out.off + c->out.len, data + done, len - done);
+        c->out.len += len - done;
+    }
+    if (waiting || done == len) {
+        /* Nothing for fm_flush: fm_send()'s checks apply now. */
+        if (c->max_wbuf > 0 && c->out.len > c->max_wbuf) {
+            fm__conn_kill(loop, c, 0, FM_R_WBUFFULL);
+            return -ENOBUFS;
+        }
+        if ((c->flags & FM_C_WANT_DRAIN) && c->out.len <= c->low) {
+            c->flags |= FM_C_DRAIN_DUE;
+            fm__ready_push(loop, c);
+        }
+        return (int64_t)c->out.len;
+    }
+    if (!(c->flags & FM_C_DIRTY)) {
+        if (loop->ndirty == loop->dirty_cap) {
+            int cap = loop->dirty_cap ? 2 * loop->dirty_cap : 256;
+            int *p = realloc(loop->dirty, (size_t)cap * sizeof *p);
+            if (p == NULL) { /* no room to remember it: send it now */
+                int rc = fm__send_queued(loop, c);
+                return rc < 0 ? rc : (int64_t)c->out.len;
+            }
+            loop->dirty = p;
+            loop->dirty_cap = cap;
+        }
+        loop->dirty[loop->ndirty++] = c->slot;
+        c->flags |= FM_C_DIRTY;
+        if (!loop->iterating)
+            fm__owe_poll(loop); /* a write between iterations: wake a host */
+    }
+    return (int64_t)c->out.len;
+}
+
+int fm_flush(fm_loop *loop, int end_iteration)
+{
+    int i, n = 0;
+
+    /* fm__send_queued never queues, so the list cannot grow under us. */
+    for (i = 0; i < loop->ndirty; i++) {
+        fm_conn *c = fm__conn_get(loop, loop->dirty[i]);
+        if (c != NULL && (c->flags & FM_C_DIRTY)) {
+            fm__send_queued(loop, c);
+            n++;
+        }
+    }
+    loop->ndirty = 0;
+    if (end_iteration)
+        loop->iterating = 0;
+    return n;
+}
+
+int64_t fm_flush_conn(fm_loop *loop, int cid)
+{
+    fm_conn *c = fm__conn_get(loop, cid);
+    int rc;
+
+    if (c == NULL)
+        return -EBADF;
+    if (c->flags & FM_C_DIRTY) {
+        rc = fm__send_queued(loop, c);
+        if (rc < 0)
+            return rc;
+    }
+    return (int64_t)c->out.len;
+}
+
+static const fm_api fm__api = {
+    FM_API_ABI, fm_poll, fm_queue, fm_flush, fm_flush_conn, fm_loop_batch,
+};
+
+const void *fm_api_table(void)
+{
+    return &fm__api;
+}
+
 /* ---- events ----------------------------------------------------------- */
 
 void fm__conn_io(fm_loop *loop, fm_conn *c, uint32_t ev)
@@ -679,6 +855,8 @@ int fm_close(fm_loop *loop, int cid)
     fm_conn *c = fm__conn_get(loop, cid);
     if (c == NULL)
         return -EBADF;
+    if ((c->flags & FM_C_DIRTY) && fm__send_queued(loop, c) < 0)
+        return 0; /* it died sending: CLOSED is on its way */
     c->flags |= FM_C_CLOSING;
     if (c->out.len == 0 && !(c->flags & FM_C_CONNECTING))
         fm__finish_close(loop, c);
@@ -699,6 +877,8 @@ int fm_shutdown(fm_loop *loop, int cid)
     fm_conn *c = fm__conn_get(loop, cid);
     if (c == NULL)
         return -EBADF;
+    if ((c->flags & FM_C_DIRTY) && fm__send_queued(loop, c) < 0)
+        return 0;
     c->flags |= FM_C_SHUT_WANTED;
     if (c->out.len == 0 && !(c->flags & (FM_C_CONNECTING | FM_C_SHUT_DONE))) {
         shutdown(c->fd, SHUT_WR);

@@ -477,15 +477,22 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
                 _logger.warning("socket.send() raised exception.")
             self._conn_lost += 1
             return
-        wb = conn._wbuf
-        if not wb:
-            self._unsent = 0  # the last iteration's writes went to the core
-            conn._loop._dirty.append(conn)
-        wb.append(data)
-        self._unsent += len(data)
-        # conn._queued is what the core held after the last send: never less
-        # than it holds now, so this test never misses a pause.
-        if self._unsent + conn._queued > self._high_water and not self._protocol_paused:
+        if conn._core is not None:
+            # The accelerator's write: into the C core's queue, and
+            # conn._queued is everything the core holds, this write included.
+            conn.write(data)
+            queued = conn._queued
+        else:
+            wb = conn._wbuf
+            if not wb:
+                self._unsent = 0  # the last iteration's writes went to the core
+                conn._loop._dirty.append(conn)
+            wb.append(data)
+            self._unsent += len(data)
+            # conn._queued is what the core held after the last send: never
+            # less than it holds now, so this test never misses a pause.
+            queued = self._unsent + conn._queued
+        if queued > self._high_water and not self._protocol_paused:
             # Past the high-water mark: send now and pause the protocol only
             # for what the kernel did not take, as asyncio's transports do
             # (a big write the socket accepts whole must not pause it).
@@ -587,7 +594,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
                     chunk = os.pread(fileno, min(blocksize, _SENDFILE_CHUNK), offset)
                     if not chunk:
                         break
-                    conn._wbuf.append(chunk)
+                    conn.write(chunk)
                     conn._flush_now()
                     offset += len(chunk)
                     total += len(chunk)
@@ -687,6 +694,8 @@ class EventLoop(_SelectorEventLoop):  # type: ignore[misc]
         core = self._core
         if core._dirty:
             core._flush()
+        if core._fast is not None:
+            core._fast.finish()
 
     def _write_to_self(self) -> None:
         # call_soon_threadsafe and friends: the core's eventfd (one syscall,

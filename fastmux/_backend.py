@@ -80,19 +80,34 @@ Batch = Tuple[int, Sequence[int], bytes]
 
 
 class FastPath(Protocol):
-    """The optional fast path: a backend whose batch stays in native memory
-    and whose message loop runs natively.  The loop then calls ``poll_raw``
-    instead of ``poll``, hands the batch to ``fast_dispatch`` and reads the
-    events it leaves (every kind but EV_MSG) one by one with ``event``."""
+    """The optional fast path (csrc/speedups.c's Core): a backend whose
+    batch stays in native memory, whose message loop runs natively and whose
+    connections write into its own output queue.  The loop then calls
+    ``iterate`` instead of ``poll``, reads the events it leaves (every kind
+    but EV_MSG) with ``event`` and ends each iteration with ``finish``;
+    ``Connection`` objects bound to it (``_bind``) write through it."""
 
-    def poll_raw(self, timeout: float | None) -> int:
-        """Like ``poll``, but keep the batch; returns the number of events."""
+    def iterate(self, timeout: float | None) -> tuple[int, int, Exception | None]:
+        """Send what was queued, poll like ``poll`` (keeping the batch),
+        then deliver the EV_MSG events from the start as ``dispatch(0)``.
+        Returns (events in the batch, ``dispatch``'s index, exception)."""
 
-    def fast_dispatch(self, i: int, conns: list[Any]) -> tuple[int, Exception | None]:
+    def dispatch(self, i: int) -> tuple[int, Exception | None]:
         """Deliver the EV_MSG events from index i on, as ``Loop._dispatch``
-        does, to ``conns[id]``; stop at the first other event.  Returns the
-        index of the first event not handled and the Exception a handler
-        raised (then the event before that index was the one that raised)."""
+        does, to the loop's connections; stop at the first other event.
+        Returns the index of the first event not handled and the Exception
+        a handler raised (then the event before that index was the one that
+        raised)."""
+
+    def finish(self) -> None:
+        """Send what the iteration wrote (one send per connection)."""
+
+    def flush_conn(self, cid: int) -> int:
+        """Send one connection's queued writes now: the bytes it still holds,
+        or -errno once it cannot send."""
+
+    def detach(self) -> None:
+        """The backend is being closed: the fast path must not touch it."""
 
     def event(self, i: int) -> tuple[int, int, int, int]:
         """Event i of the batch: (kind, id, start, end)."""
@@ -109,8 +124,10 @@ class Backend(Protocol):
     def poll(self, timeout: float | None) -> Batch:
         """Wait up to `timeout` seconds (None: forever) and do all ready I/O."""
 
-    def fast_path(self) -> FastPath | None:
-        """The backend's native message loop, or None (see FastPath)."""
+    def fast_path(self, conns: list[Any]) -> FastPath | None:
+        """The backend's native message loop over the loop's connection
+        table `conns` (by id, kept up to date in place), or None (see
+        FastPath)."""
 
     def has_pending(self) -> bool:
         """True if the next poll has work without waiting (ready list, events)."""

@@ -1,12 +1,13 @@
 """EpollBackend: the C core behind the Backend protocol.
 
-This is the only module that imports the compiled modules ``fastmux._core``
-and ``fastmux._speedups``.  Each method is one cffi call.  ``poll`` makes one
-call per loop iteration and turns the flat C batch into a list with one
-``ffi.unpack`` plus one copy of the message arena.  When the dispatch
-accelerator is built, the loop uses ``poll_raw`` instead and
-``fast_dispatch`` delivers messages straight from the arena
-(csrc/speedups.c); ``event`` reads the other events one by one.
+This is the only module that imports the cffi module ``fastmux._core``.
+Each method is one cffi call.  ``poll`` makes one call per loop iteration
+and turns the flat C batch into a list with one ``ffi.unpack`` plus one copy
+of the message arena.  When the accelerator is built (``fastmux._speedups``,
+csrc/speedups.c, loaded by fastmux/_loop.py), ``fast_path`` returns its
+``Core`` over this loop: the loop then iterates through it, messages go to
+handlers straight from the arena and connections write into the core's
+queue, all without cffi.
 """
 
 from __future__ import annotations
@@ -19,13 +20,7 @@ from typing import Any
 from ._backend import Batch
 from ._constants import SHARED
 from ._core import ffi, lib  # type: ignore[import-not-found]
-
-try:
-    if os.environ.get("FASTMUX_NO_SPEEDUPS") == "1":
-        raise ImportError("disabled by FASTMUX_NO_SPEEDUPS=1")
-    from ._speedups import dispatch as _c_dispatch  # type: ignore[import-not-found]
-except ImportError:
-    _c_dispatch = None
+from ._speedups_load import speedups
 
 _unpack = ffi.unpack
 _buffer = ffi.buffer
@@ -50,9 +45,7 @@ class EpollBackend:
         self._loop = loop
         self._batch = lib.fm_loop_batch(loop)
         self._ev = self._batch.ev  # fixed for the loop's life
-        self._ev_addr = int(ffi.cast("uintptr_t", self._ev))
-        self._n = 0
-        self._arena_addr = 0
+        self._core: Any = None  # the accelerator's Core, once fast_path made it
         self._stats = lib.fm_loop_stats(loop)
         self._poll = lib.fm_poll
         self._send = lib.fm_send
@@ -69,30 +62,15 @@ class EpollBackend:
         used = b.used
         return n, _unpack(self._ev, 4 * n), _unpack(b.arena, used) if used else b""
 
-    def fast_path(self) -> EpollBackend | None:
-        """This backend, when the C dispatch loop (csrc/speedups.c) is built:
-        the loop then calls poll_raw/fast_dispatch/event instead of poll."""
-        return self if _c_dispatch is not None else None
-
-    def poll_raw(self, timeout: float | None) -> int:
-        """Like poll, but leave the batch in C for fast_dispatch/event."""
-        n = self._poll(self._loop, _timeout_ms(timeout))
-        if n < 0:
-            raise OSError(-n, os.strerror(-n))
-        self._n = n
-        if n:
-            self._arena_addr = int(ffi.cast("uintptr_t", self._batch.arena))
-        return int(n)
-
-    def fast_dispatch(self, i: int, conns: list[Any]) -> tuple[int, Exception | None]:
-        """Deliver the batch's messages from event i on, in C; returns
-        (index of the first event not handled, a handler's Exception)."""
-        return _c_dispatch(self._ev_addr, self._arena_addr, self._n, i, conns)  # type: ignore[no-any-return]
-
-    def event(self, i: int) -> tuple[int, int, int, int]:
-        """Event i of the batch left by poll_raw: (kind, id, start, end)."""
-        ev, j = self._ev, 4 * i
-        return ev[j], ev[j + 1], ev[j + 2], ev[j + 3]
+    def fast_path(self, conns: list[Any]) -> Any:
+        """The accelerator's Core over this loop (see _backend.FastPath), or
+        None when it is not built or FASTMUX_NO_SPEEDUPS=1."""
+        if speedups is None:
+            return None
+        api = int(ffi.cast("uintptr_t", lib.fm_api_table()))
+        loop = int(ffi.cast("uintptr_t", self._loop))
+        self._core = speedups.Core(api, loop, conns)
+        return self._core
 
     def has_pending(self) -> bool:
         return bool(lib.fm_has_pending(self._loop))
@@ -188,6 +166,7 @@ class EpollBackend:
             "emfile": s.emfile,
             "messages_in": s.messages_in,
             "connections_open": s.connections_open,
+            "messages_out": s.messages_out,
         }
 
     def after_fork(self) -> None:
@@ -198,6 +177,8 @@ class EpollBackend:
             if self._closed:
                 return
             self._closed = True
+        if self._core is not None:
+            self._core.detach()
         lib.fm_loop_free(self._loop)
         self._loop = ffi.NULL
 

@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
 from ._backend import Backend, FastPath, make_backend
 from ._checks import (
@@ -56,6 +56,7 @@ from ._sockets import (
     unix_inode,
     unlink_socket_path,
 )
+from ._speedups_load import speedups
 
 logger = logging.getLogger("fastmux")
 
@@ -182,22 +183,76 @@ class Server:
         return f"<fastmux.Server {self.address!r}{' closed' if self.closed else ''}>"
 
 
-class Connection:
+class _PyStream:
+    """The pure-Python base of ``Connection``: its hot fields and its write
+    path.  With the accelerator built, ``fastmux._speedups.Stream``
+    (csrc/speedups.c) takes its place, with the same fields as C members and
+    a write that goes straight into the C core's queue."""
+
+    __slots__ = ("_loop", "_on_message", "_wbuf", "_core", "_cid", "_queued", "_closed",
+                 "_wclosed", "_deliver")
+
+    _loop: "Loop"
+    _on_message: Callable[["Connection", bytes], None]
+    _wbuf: List[bytes]
+    _core: Optional[FastPath]
+    _cid: int
+    _queued: int
+    _closed: bool
+    _wclosed: bool
+    _deliver: bool
+
+    def write(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        """Queue `data` (any bytes-like; its content is taken now).
+
+        Everything written during one loop iteration leaves in one send at
+        the end of it.  Raises ConnectionClosed after close(), abort(),
+        shutdown_write() or a detected reset."""
+        if self._wclosed:
+            raise ConnectionClosed("write on a closed connection")
+        if type(data) is not bytes:
+            data = check_bytes(data, "data")
+        if not data:
+            return
+        wb = self._wbuf
+        if not wb:
+            loop = self._loop
+            loop._dirty.append(self)  # type: ignore[arg-type]
+            if loop._hosted and not loop._in_iteration:
+                loop._backend.wakeup()
+        wb.append(data)
+
+    def writelines(self, lines: Iterable[Union[bytes, bytearray, memoryview]]) -> None:
+        """Write each item of `lines` (no separator is added)."""
+        for line in lines:
+            self.write(line)
+
+    def _bind(self, core: Optional[FastPath]) -> None:
+        self._core = core
+
+
+if TYPE_CHECKING:
+    _StreamBase = _PyStream  # the C Stream has the same fields and methods
+else:
+    _StreamBase = speedups.Stream if speedups is not None else _PyStream
+
+
+class Connection(_StreamBase):
     """One stream connection.  Created by the loop; see ``Handler``."""
 
     __slots__ = (
-        "_loop", "_cid", "_fd", "handler", "_on_message", "_wbuf", "_closed",
-        "_wclosed", "_deliver", "_paused", "_framing", "_defer_framing",
+        "_fd", "handler", "_paused", "_framing", "_defer_framing",
         "_deferred", "_deferred_eof", "_opened", "_exc", "_peername", "_sockname",
-        "_connect_timer", "_family", "_queued", "__weakref__",
+        "_connect_timer", "_family", "__weakref__",
     )
 
     def __init__(self, loop: "Loop", cid: int, fd: int, framing: Framing) -> None:
         self._loop = loop
         self._cid = cid
         self._fd = fd
-        self._wbuf: List[bytes] = []
-        # What the backend still held after this connection's last send (an
+        self._wbuf = []
+        self._bind(loop._fast)  # writes go to the C core's queue, if it has one
+        # What the backend held after this connection's last send (an
         # upper bound: the socket may have taken more since), < 0 once it
         # cannot send.  Flow control reads it without asking the backend.
         self._queued = 0
@@ -216,40 +271,29 @@ class Connection:
         self._connect_timer: Optional[TimerHandle] = None
         self._family = 0
         self.handler: Handler = Handler()
-        self._on_message: Callable[["Connection", bytes], None] = self.handler.on_message
+        self._on_message = self.handler.on_message
 
     def _set_handler(self, handler: Handler) -> None:
         self.handler = handler
         self._on_message = handler.on_message
 
     # -- writing ---------------------------------------------------------
+    # write() and writelines() are the base's (_PyStream or the C Stream).
 
-    def write(self, data: Union[bytes, bytearray, memoryview]) -> None:
-        """Queue `data` (any bytes-like; its content is taken now).
-
-        Everything written during one loop iteration leaves in one send at
-        the end of it.  Raises ConnectionClosed after close(), abort(),
-        shutdown_write() or a detected reset."""
-        if self._wclosed:
-            raise ConnectionClosed("write on a closed connection")
-        if type(data) is not bytes:
-            data = check_bytes(data, "data")
-        if not data:
-            return
-        wb = self._wbuf
-        if not wb:
-            loop = self._loop
-            loop._dirty.append(self)
-            if loop._hosted and not loop._in_iteration:
-                loop._backend.wakeup()
-        wb.append(data)
-
-    def writelines(self, lines: Iterable[Union[bytes, bytearray, memoryview]]) -> None:
-        """Write each item of `lines` (no separator is added)."""
-        for line in lines:
-            self.write(line)
+    def _mark_dirty(self) -> None:
+        """The C Stream's write on the Python path (select backend): the
+        first write of an iteration puts the connection on the flush list."""
+        loop = self._loop
+        loop._dirty.append(self)
+        if loop._hosted and not loop._in_iteration:
+            loop._backend.wakeup()
 
     def _flush_now(self) -> None:
+        core = self._core
+        if core is not None:
+            if self._cid >= 0:
+                self._queued = core.flush_conn(self._cid)
+            return
         wb = self._wbuf
         if wb and self._cid >= 0:
             data = wb[0] if len(wb) == 1 else b"".join(wb)
@@ -445,9 +489,9 @@ class Loop:
     def __init__(self, backend: str = "auto") -> None:
         self._backend: Backend = make_backend(backend)
         self.backend: str = self._backend.name
-        # The backend's native message loop, if it has one (_dispatch_fast).
-        self._fast: Optional[FastPath] = self._backend.fast_path()
         self._conns: List[Optional[Connection]] = []
+        # The backend's native hot path, if it has one (see FastPath).
+        self._fast: Optional[FastPath] = self._backend.fast_path(self._conns)
         self._live: Dict[int, Connection] = {}  # id(conn) -> conn, until on_close
         self._servers: Dict[int, Server] = {}
         self._ready: Deque[Handle] = collections.deque()
@@ -512,9 +556,13 @@ class Loop:
                     timeout = due
             fast = self._fast
             if fast is not None:
-                ran = n = fast.poll_raw(timeout)
-                if n:
-                    self._dispatch_fast(fast, n)
+                self._in_batch = True
+                try:
+                    ran, j, exc = fast.iterate(timeout)
+                    if j < ran or exc is not None:
+                        self._dispatch_fast(fast, ran, j, exc)
+                finally:
+                    self._end_batch()
             else:
                 n, ev, blob = self._backend.poll(timeout)
                 ran = n
@@ -529,6 +577,8 @@ class Loop:
                     ran += 1
             if self._dirty:
                 self._flush()
+            if fast is not None:
+                fast.finish()
             if self._hosted:
                 self._keep_fd_honest()
         finally:
@@ -555,28 +605,25 @@ class Loop:
         finally:
             self._end_batch()
 
-    def _dispatch_fast(self, fast: FastPath, n: int) -> None:
-        """_dispatch with its message loop native (csrc/speedups.c), which
-        does for EV_MSG exactly what _dispatch does and hands every other
-        event back to _event."""
+    def _dispatch_fast(self, fast: FastPath, n: int, i: int,
+                       exc: Optional[Exception]) -> None:
+        """The rest of a batch ``fast.iterate`` stopped in at event i: the
+        fast path delivers EV_MSG events exactly as _dispatch does and hands
+        every other event back to _event.  The caller ends the batch."""
         conns = self._conns
-        dispatch = fast.fast_dispatch
+        dispatch = fast.dispatch
         event = fast.event
-        self._in_batch = True
-        try:
-            i = 0
-            while i < n:
-                j, exc = dispatch(i, conns)
-                if exc is not None:
-                    c = conns[event(j - 1)[1]]
-                    assert c is not None  # it was just handed a message
-                    self._handler_failed(c, exc, "on_message")
-                elif j < n:
-                    self._event(*event(j))
-                    j += 1
-                i = j
-        finally:
-            self._end_batch()
+        while True:
+            if exc is not None:
+                c = conns[event(i - 1)[1]]
+                assert c is not None  # it was just handed a message
+                self._handler_failed(c, exc, "on_message")
+            elif i < n:
+                self._event(*event(i))
+                i += 1
+            if i >= n:
+                return
+            i, exc = dispatch(i)
 
     def _end_batch(self) -> None:
         """After a batch: hand the messages deferred by pause_reading or
@@ -1191,7 +1238,7 @@ class Loop:
         """Counters: connections_open, accepted, rejected, bytes_in,
         bytes_out, messages_in, messages_out, and backend details."""
         s = self._backend.stats() if not self._closed else {}
-        s["messages_out"] = self._messages_out
+        s["messages_out"] = self._messages_out + s.get("messages_out", 0)
         for key in ("connections_open", "accepted", "rejected", "bytes_in", "bytes_out",
                     "messages_in"):
             s.setdefault(key, 0)

@@ -13,7 +13,7 @@ import selectors
 import socket
 import time
 from collections import deque
-from typing import Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Deque, Dict, List, Optional, Tuple, Union
 
 from .._backend import Batch
 from .._constants import (
@@ -111,7 +111,7 @@ class SelectBackend(StreamPart, ListenPart):
         w.setblocking(False)
         return r, w
 
-    def fast_path(self) -> None:
+    def fast_path(self, conns: list[Any]) -> None:
         """No native message loop: the loop dispatches ``poll``'s batch."""
         return None
 
