@@ -79,6 +79,13 @@ typedef struct {
     PyObject *loop;       /* _loop */
     PyObject *on_message; /* _on_message */
     PyObject *wbuf;       /* _wbuf: the unbound (Python) write path */
+    /* _msg_call, _msg_fn, _msg_err: if _msg_call is set, a message goes to
+     * _msg_call(_msg_fn, data) instead of _on_message(conn, data), and an
+     * exception from it (but SystemExit and KeyboardInterrupt) to
+     * _msg_err(exc).  The asyncio transport sets them to
+     * (context.run, protocol.data_received, its fatal-error path): no Python
+     * frame of its own per read. */
+    PyObject *msg_call, *msg_fn, *msg_err;
     CoreObject *core;     /* _core: NULL on the Python path */
     int cid;              /* _cid */
     long long queued;     /* _queued */
@@ -171,6 +178,34 @@ static PyObject *deliver_one(PyObject *conn, const char *p, Py_ssize_t len)
 
     if (PyObject_TypeCheck(conn, s_stream_type)) {
         StreamObject *s = (StreamObject *)conn;
+        if (s->deliver && s->msg_call != NULL && s->msg_call != Py_None &&
+            s->msg_fn != NULL && s->msg_err != NULL) {
+            PyObject *call = s->msg_call, *fn = s->msg_fn, *err = s->msg_err;
+            data = PyBytes_FromStringAndSize(p, len);
+            if (data == NULL)
+                return NULL;
+            Py_INCREF(call); /* set_protocol may replace them meanwhile */
+            Py_INCREF(fn);
+            Py_INCREF(err);
+            r = call2(call, fn, data);
+            Py_DECREF(data);
+            if (r == NULL && !PyErr_ExceptionMatches(PyExc_SystemExit) &&
+                !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+                PyObject *type, *value, *tb;
+                PyErr_Fetch(&type, &value, &tb);
+                PyErr_NormalizeException(&type, &value, &tb);
+                if (tb != NULL && value != NULL)
+                    PyException_SetTraceback(value, tb);
+                Py_XDECREF(type);
+                Py_XDECREF(tb);
+                r = PyObject_CallFunctionObjArgs(err, value ? value : Py_None, NULL);
+                Py_XDECREF(value);
+            }
+            Py_DECREF(call);
+            Py_DECREF(fn);
+            Py_DECREF(err);
+            return r;
+        }
         if (s->deliver && s->on_message != NULL) {
             PyObject *om = s->on_message;
             data = PyBytes_FromStringAndSize(p, len);
@@ -402,6 +437,9 @@ static int stream_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(s->loop);
     Py_VISIT(s->on_message);
     Py_VISIT(s->wbuf);
+    Py_VISIT(s->msg_call);
+    Py_VISIT(s->msg_fn);
+    Py_VISIT(s->msg_err);
     Py_VISIT((PyObject *)s->core);
     return 0;
 }
@@ -412,6 +450,9 @@ static int stream_clear(PyObject *op)
     Py_CLEAR(s->loop);
     Py_CLEAR(s->on_message);
     Py_CLEAR(s->wbuf);
+    Py_CLEAR(s->msg_call);
+    Py_CLEAR(s->msg_fn);
+    Py_CLEAR(s->msg_err);
     Py_CLEAR(s->core);
     return 0;
 }
@@ -535,6 +576,9 @@ static PyMemberDef stream_members[] = {
     {"_loop", T_OBJECT_EX, offsetof(StreamObject, loop), 0, NULL},
     {"_on_message", T_OBJECT_EX, offsetof(StreamObject, on_message), 0, NULL},
     {"_wbuf", T_OBJECT_EX, offsetof(StreamObject, wbuf), 0, NULL},
+    {"_msg_call", T_OBJECT, offsetof(StreamObject, msg_call), 0, NULL},
+    {"_msg_fn", T_OBJECT, offsetof(StreamObject, msg_fn), 0, NULL},
+    {"_msg_err", T_OBJECT, offsetof(StreamObject, msg_err), 0, NULL},
     {"_core", T_OBJECT, offsetof(StreamObject, core), READONLY, NULL},
     {"_cid", T_INT, offsetof(StreamObject, cid), 0, NULL},
     {"_queued", T_LONGLONG, offsetof(StreamObject, queued), 0, NULL},

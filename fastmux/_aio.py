@@ -114,7 +114,14 @@ class _CoreSelector(selectors.BaseSelector):
 
     def select(self, timeout: Optional[float] = None) -> List[Tuple[selectors.SelectorKey, int]]:
         self._ready = []
-        self._core.run_once(None if timeout is None else max(timeout, 0.0))
+        core = self._core
+        if (core._fast is not None and not core._ready and not core._timers
+                and not core._hosted):
+            # Only I/O for the core: no Python body of its own (asyncio runs
+            # the callbacks; EventLoop._run_once sends what they wrote).
+            core._run_io(timeout)
+        else:
+            core.run_once(None if timeout is None else max(timeout, 0.0))
         ready, self._ready = self._ready, []
         return ready
 
@@ -272,6 +279,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
 
     def on_open(self, conn: Connection) -> None:
         self._conn = conn
+        self._route_data()
         loop = self._aloop
         assert loop is not None
         loop._transports[conn._fd] = self
@@ -309,6 +317,20 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             raise
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+
+    def _route_data(self) -> None:
+        """Let the C dispatch call ``context.run(data_received, data)``
+        itself, with on_message's error handling in _data_failed: no Python
+        frame of the transport's per read.  (The Python dispatch ignores
+        this and calls on_message.)"""
+        conn = self._conn
+        if conn is not None:
+            conn._msg_call = self._context.run
+            conn._msg_fn = self._data_received
+            conn._msg_err = self._data_failed
+
+    def _data_failed(self, exc: BaseException) -> None:
+        self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
 
     def _get_buffer_and_copy(self, data: bytes) -> None:
         """BufferedProtocol: hand `data` over through get_buffer/buffer_updated."""
@@ -433,6 +455,8 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             self._data_received = self._get_buffer_and_copy
         else:
             self._data_received = protocol.data_received  # type: ignore[attr-defined]
+        if getattr(self, "_conn", None) is not None:
+            self._route_data()
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol

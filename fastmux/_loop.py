@@ -190,7 +190,7 @@ class _PyStream:
     a write that goes straight into the C core's queue."""
 
     __slots__ = ("_loop", "_on_message", "_wbuf", "_core", "_cid", "_queued", "_closed",
-                 "_wclosed", "_deliver")
+                 "_wclosed", "_deliver", "_msg_call", "_msg_fn", "_msg_err")
 
     _loop: "Loop"
     _on_message: Callable[["Connection", bytes], None]
@@ -201,6 +201,11 @@ class _PyStream:
     _closed: bool
     _wclosed: bool
     _deliver: bool
+    # The C dispatch's shortcut (csrc/speedups.c): _msg_call(_msg_fn, data)
+    # instead of _on_message(conn, data).  The Python dispatch ignores them.
+    _msg_call: Optional[Callable[..., Any]]
+    _msg_fn: Optional[Callable[..., Any]]
+    _msg_err: Optional[Callable[[BaseException], None]]
 
     def write(self, data: Union[bytes, bytearray, memoryview]) -> None:
         """Queue `data` (any bytes-like; its content is taken now).
@@ -251,6 +256,7 @@ class Connection(_StreamBase):
         self._cid = cid
         self._fd = fd
         self._wbuf = []
+        self._msg_call = self._msg_fn = self._msg_err = None
         self._bind(loop._fast)  # writes go to the C core's queue, if it has one
         # What the backend held after this connection's last send (an
         # upper bound: the socket may have taken more since), < 0 once it
@@ -536,8 +542,8 @@ class Loop:
         6. Send everything written during this iteration: one send per
            connection.
         """
-        if timeout is not None:
-            check_number(timeout, "timeout")
+        if timeout is not None and not (type(timeout) is float and -1e18 < timeout < 1e18):
+            check_number(timeout, "timeout")  # (the test above lets only finite floats by)
         self._check_usable()
         self._in_iteration = True
         try:
@@ -584,6 +590,24 @@ class Loop:
         finally:
             self._in_iteration = False
         return ran
+
+    def _run_io(self, timeout: Optional[float]) -> None:
+        """An iteration with only I/O to do, on the fast path: what
+        run_once does when no callback is ready and no timer is set, minus
+        the final ``_fast.finish()`` (the caller's: a host such as
+        fastmux's asyncio loop runs its own callbacks first)."""
+        self._check_usable()
+        fast = self._fast
+        assert fast is not None
+        self._in_iteration = True
+        self._in_batch = True
+        try:
+            n, j, exc = fast.iterate(timeout)
+            if j < n or exc is not None:
+                self._dispatch_fast(fast, n, j, exc)
+        finally:
+            self._end_batch()
+            self._in_iteration = False
 
     def _dispatch(self, ev: Any, blob: bytes) -> None:
         conns = self._conns
@@ -798,9 +822,16 @@ class Loop:
             raise RuntimeError("the loop is already running")
         self._running = True
         self._stopping = False
+        fast = self._fast
         try:
             while not self._stopping:
-                self.run_once()
+                if (fast is not None and not self._ready and not self._timers
+                        and not self._dirty and not self._hosted):
+                    # Only I/O to do: run_once without its Python body.
+                    self._run_io(None)
+                    fast.finish()
+                else:
+                    self.run_once()
         finally:
             self._running = False
             self._stopping = False
