@@ -86,6 +86,14 @@ typedef struct {
      * (context.run, protocol.data_received, its fatal-error path): no Python
      * frame of its own per read. */
     PyObject *msg_call, *msg_fn, *msg_err;
+    /* The asyncio transport's write (_twrite): while _tw_ok (the transport
+     * is open, not paused, not at EOF, not in sendfile), bytes go to the
+     * core's queue here; past _tw_high it sends now and calls _tw_pause()
+     * if the kernel left more than _tw_high.  Anything else goes to
+     * _tw_slow(data), the transport's Python write. */
+    PyObject *tw_slow, *tw_pause;
+    long long tw_high;
+    char tw_ok;
     CoreObject *core;     /* _core: NULL on the Python path */
     int cid;              /* _cid */
     long long queued;     /* _queued */
@@ -440,6 +448,8 @@ static int stream_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(s->msg_call);
     Py_VISIT(s->msg_fn);
     Py_VISIT(s->msg_err);
+    Py_VISIT(s->tw_slow);
+    Py_VISIT(s->tw_pause);
     Py_VISIT((PyObject *)s->core);
     return 0;
 }
@@ -453,6 +463,8 @@ static int stream_clear(PyObject *op)
     Py_CLEAR(s->msg_call);
     Py_CLEAR(s->msg_fn);
     Py_CLEAR(s->msg_err);
+    Py_CLEAR(s->tw_slow);
+    Py_CLEAR(s->tw_pause);
     Py_CLEAR(s->core);
     return 0;
 }
@@ -546,6 +558,45 @@ static PyObject *stream_writelines(PyObject *op, PyObject *lines)
     Py_RETURN_NONE;
 }
 
+static PyObject *stream_twrite(PyObject *op, PyObject *data)
+{
+    StreamObject *s = (StreamObject *)op;
+    CoreObject *core = s->core;
+    PyObject *r;
+    Py_ssize_t len;
+    long long q;
+
+    if (!s->tw_ok || !PyBytes_CheckExact(data) || s->wclosed || core == NULL ||
+        core->loop == NULL || s->cid < 0) {
+        if (s->tw_slow == NULL || s->tw_slow == Py_None) {
+            PyErr_SetString(PyExc_RuntimeError, "fastmux: _twrite without a transport");
+            return NULL;
+        }
+        return PyObject_CallFunctionObjArgs(s->tw_slow, data, NULL);
+    }
+    len = PyBytes_Size(data);
+    if (len == 0)
+        Py_RETURN_NONE;
+    q = (long long)core->api->queue(core->loop, s->cid, PyBytes_AsString(data), (size_t)len);
+    s->queued = q;
+    if (q > s->tw_high) {
+        /* Past the high-water mark: send now and pause the protocol only
+         * for what the kernel did not take, as asyncio's transports do. */
+        q = (long long)core->api->flush_conn(core->loop, s->cid);
+        s->queued = q;
+        if (q > s->tw_high && s->tw_pause != NULL && s->tw_pause != Py_None) {
+            PyObject *pause = s->tw_pause;
+            Py_INCREF(pause);
+            r = PyObject_CallFunctionObjArgs(pause, NULL);
+            Py_DECREF(pause);
+            if (r == NULL)
+                return NULL;
+            Py_DECREF(r);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *stream_bind(PyObject *op, PyObject *core)
 {
     StreamObject *s = (StreamObject *)op;
@@ -568,6 +619,9 @@ static PyMethodDef stream_methods[] = {
      "shutdown_write() or a detected reset."},
     {"writelines", stream_writelines, METH_O,
      "Write each item of `lines` (no separator is added)."},
+    {"_twrite", stream_twrite, METH_O,
+     "The asyncio transport's write, in C while the transport is open and "
+     "not paused (see _tw_ok)."},
     {"_bind", stream_bind, METH_O, "Write into this Core's queue (None: the Python way)."},
     {NULL, NULL, 0, NULL},
 };
@@ -579,6 +633,10 @@ static PyMemberDef stream_members[] = {
     {"_msg_call", T_OBJECT, offsetof(StreamObject, msg_call), 0, NULL},
     {"_msg_fn", T_OBJECT, offsetof(StreamObject, msg_fn), 0, NULL},
     {"_msg_err", T_OBJECT, offsetof(StreamObject, msg_err), 0, NULL},
+    {"_tw_slow", T_OBJECT, offsetof(StreamObject, tw_slow), 0, NULL},
+    {"_tw_pause", T_OBJECT, offsetof(StreamObject, tw_pause), 0, NULL},
+    {"_tw_high", T_LONGLONG, offsetof(StreamObject, tw_high), 0, NULL},
+    {"_tw_ok", T_BOOL, offsetof(StreamObject, tw_ok), 0, NULL},
     {"_core", T_OBJECT, offsetof(StreamObject, core), READONLY, NULL},
     {"_cid", T_INT, offsetof(StreamObject, cid), 0, NULL},
     {"_queued", T_LONGLONG, offsetof(StreamObject, queued), 0, NULL},

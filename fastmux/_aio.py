@@ -280,6 +280,15 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
     def on_open(self, conn: Connection) -> None:
         self._conn = conn
         self._route_data()
+        if conn._core is not None:
+            # The accelerator's write (csrc/speedups.c, Stream._twrite): while
+            # the gate is open, transport.write is C through and through;
+            # otherwise it calls _write_py.  An instance attribute, so
+            # ``transport.write`` resolves to it before the class's method.
+            conn._tw_slow = self._write_py
+            conn._tw_pause = self._maybe_pause_protocol
+            self.write = conn._twrite  # type: ignore[method-assign]
+            self._gate()
         loop = self._aloop
         assert loop is not None
         loop._transports[conn._fd] = self
@@ -374,6 +383,23 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         if not keep_open:
             self.close()
 
+    def _gate(self) -> None:
+        """Open or shut the C write path (Stream._twrite) after any change
+        of the state _write_py looks at, and tell it the high-water mark."""
+        conn = self._conn
+        if conn is not None and conn._core is not None:
+            conn._tw_high = self._high_water
+            conn._tw_ok = not (self._closing or self._eof or self._sending_file
+                               or self._conn_lost or self._protocol_paused)
+
+    def _maybe_pause_protocol(self) -> None:
+        super()._maybe_pause_protocol()
+        self._gate()
+
+    def _maybe_resume_protocol(self) -> None:
+        super()._maybe_resume_protocol()
+        self._gate()
+
     def on_drain(self, conn: Connection) -> None:
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
@@ -388,6 +414,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         closed_by_us = self._closing
         self._closing = True
         self._conn_lost += 1
+        self._gate()
         drain_waiter = self._drain_waiter
         if drain_waiter is not None and not drain_waiter.done():
             drain_waiter.set_exception(exc if exc is not None else ConnectionError(
@@ -483,7 +510,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         if self._eof_pending and self._aloop is not None:
             self._aloop.call_soon(self._deliver_eof)
 
-    def write(self, data: Any) -> None:
+    def _write_py(self, data: Any) -> None:
         if type(data) is not bytes:
             if not isinstance(data, (bytearray, memoryview)):
                 raise TypeError(f"data argument must be a bytes-like object, "
@@ -525,6 +552,8 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             if conn._queued > self._high_water:
                 self._maybe_pause_protocol()
 
+    write = _write_py  # an instance's own ``write`` may be the C one (on_open)
+
     def writelines(self, list_of_data: Any) -> None:
         if self._eof:
             raise RuntimeError("Cannot call writelines() after write_eof()")
@@ -535,6 +564,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         if self._closing or self._eof:
             return
         self._eof = True
+        self._gate()
         if self._conn is not None:
             self._conn.shutdown_write()
 
@@ -551,11 +581,13 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         conn = getattr(self, "_conn", None)
         if conn is not None:
             conn.set_write_limits(self._high_water, self._low_water)
+            self._gate()
 
     def close(self) -> None:
         if self._closing:
             return
         self._closing = True
+        self._gate()
         conn = self._conn
         if conn is not None:
             conn._flush_now()
@@ -566,6 +598,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
 
     def abort(self) -> None:
         self._closing = True
+        self._gate()
         if self._conn is not None:
             self._conn.abort()
             self._lose_soon(None)
@@ -584,6 +617,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             if conn._exc is None:
                 conn._exc = exc
             self._closing = True
+            self._gate()
             conn.abort()
             self._lose_soon(exc)
 
@@ -606,6 +640,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             return 0  # an empty file
         total = 0
         self._sending_file = True
+        self._gate()
         try:
             await self._flushed()
             while not count or total < count:
@@ -641,6 +676,7 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             return total
         finally:
             self._sending_file = False
+            self._gate()
             last = self._conn
             if last is not None and last._cid >= 0:
                 last.set_write_limits(self._high_water, self._low_water)

@@ -190,7 +190,8 @@ class _PyStream:
     a write that goes straight into the C core's queue."""
 
     __slots__ = ("_loop", "_on_message", "_wbuf", "_core", "_cid", "_queued", "_closed",
-                 "_wclosed", "_deliver", "_msg_call", "_msg_fn", "_msg_err")
+                 "_wclosed", "_deliver", "_msg_call", "_msg_fn", "_msg_err",
+                 "_tw_slow", "_tw_pause", "_tw_high", "_tw_ok")
 
     _loop: "Loop"
     _on_message: Callable[["Connection", bytes], None]
@@ -206,6 +207,11 @@ class _PyStream:
     _msg_call: Optional[Callable[..., Any]]
     _msg_fn: Optional[Callable[..., Any]]
     _msg_err: Optional[Callable[[BaseException], None]]
+    # The asyncio transport's C write (Stream._twrite) and its gate.
+    _tw_slow: Optional[Callable[[Any], None]]
+    _tw_pause: Optional[Callable[[], None]]
+    _tw_high: int
+    _tw_ok: bool
 
     def write(self, data: Union[bytes, bytearray, memoryview]) -> None:
         """Queue `data` (any bytes-like; its content is taken now).
@@ -235,6 +241,13 @@ class _PyStream:
     def _bind(self, core: Optional[FastPath]) -> None:
         self._core = core
 
+    def _twrite(self, data: Any) -> None:
+        """Stream._twrite's twin: with no core to write into, the
+        transport's own write (``_tw_slow``) does it all."""
+        if self._tw_slow is None:
+            raise RuntimeError("fastmux: _twrite without a transport")
+        self._tw_slow(data)
+
 
 if TYPE_CHECKING:
     _StreamBase = _PyStream  # the C Stream has the same fields and methods
@@ -257,6 +270,9 @@ class Connection(_StreamBase):
         self._fd = fd
         self._wbuf = []
         self._msg_call = self._msg_fn = self._msg_err = None
+        self._tw_slow = self._tw_pause = None
+        self._tw_high = 0
+        self._tw_ok = False
         self._bind(loop._fast)  # writes go to the C core's queue, if it has one
         # What the backend held after this connection's last send (an
         # upper bound: the socket may have taken more since), < 0 once it
