@@ -88,7 +88,7 @@ int fm_loop_after_fork(fm_loop *loop);     /* child: new epoll fd, re-register *
  * core's own ready list is non-empty), do all I/O, fill the batch.  Returns the
  * number of events, or -errno. */
 int fm_poll(fm_loop *loop, int timeout_ms);
-int fm_has_pending(fm_loop *loop);         /* ready list or queued events */
+int fm_has_pending(fm_loop *loop);         /* ready list, queued events or writes */
 int fm_wakeup(fm_loop *loop);              /* any thread; async-signal-safe */
 int fm_set_timer(fm_loop *loop, int64_t deadline_ns); /* CLOCK_MONOTONIC; <0 off */
 

@@ -294,7 +294,9 @@ fm_conn *fm__conn_get(fm_loop *loop, int cid)
 int fm_has_pending(fm_loop *loop)
 {
     int lid;
-    if (loop->ready_head != NULL || loop->dying != NULL)
+    /* ndirty: fm_queue'd writes wait for fm_flush, which the next iteration
+     * does first (a write made before the loop was hosted woke nobody). */
+    if (loop->ready_head != NULL || loop->dying != NULL || loop->ndirty > 0)
         return 1;
     for (lid = 0; loop->listeners_ready && lid < loop->nlisteners; lid++)
         if (loop->listeners[lid].active && loop->listeners[lid].ready &&

@@ -212,3 +212,34 @@ def test_asyncio_hosts_writes_made_outside_the_loop(loop):
     server_got, client_got = hosted(loop, body)
     assert server_got == [b"from asyncio %d" % i for i in range(3)]
     assert client_got == [b"reply\n"]
+
+
+@pytest.mark.epoll_only
+def test_asyncio_hosts_writes_made_before_hosting(loop):
+    """A write made between iterations before the loop is first hosted
+    (before the first fileno()) is queued output too: hosting must make
+    fileno() readable so that it gets sent.  With the accelerator the write
+    sits in the C core's dirty list, which fm_has_pending() must count."""
+    sfac = Factory(Recorder)
+    server = loop.listen(("127.0.0.1", 0), sfac)
+    peer = socket.create_connection(server.address, timeout=HOST_DEADLINE)
+    try:
+        deadline = loop.time() + HOST_DEADLINE
+        while not sfac.opened and loop.time() < deadline:
+            loop.run_once(0.01)
+        assert sfac.opened
+        sfac[0].conn.write(b"written before hosting\n")
+        peer.setblocking(False)
+
+        async def body(aloop, calls):
+            got = b""
+            while not got.endswith(b"\n"):
+                try:
+                    got += peer.recv(4096)
+                except BlockingIOError:
+                    await asyncio.sleep(0.005)
+            return got
+
+        assert hosted(loop, body) == b"written before hosting\n"
+    finally:
+        peer.close()
