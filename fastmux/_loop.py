@@ -599,12 +599,15 @@ class Loop:
                     ran += 1
             if self._dirty:
                 self._flush()
-            if fast is not None:
-                fast.finish()
-            if self._hosted:
-                self._keep_fd_honest()
         finally:
+            if self._fast is not None:
+                # Send what the iteration wrote; also when a handler's
+                # BaseException leaves early (the core then knows the
+                # iteration is over, and wakes a host for later writes).
+                self._fast.finish()
             self._in_iteration = False
+        if self._hosted:
+            self._keep_fd_honest()
         return ran
 
     def _run_io(self, timeout: Optional[float]) -> None:
@@ -849,6 +852,8 @@ class Loop:
                 else:
                     self.run_once()
         finally:
+            if fast is not None and not self._closed:
+                fast.finish()  # an exception may have left _run_io early
             self._running = False
             self._stopping = False
 
