@@ -561,6 +561,8 @@ class Loop:
         if timeout is not None and not (type(timeout) is float and -1e18 < timeout < 1e18):
             check_number(timeout, "timeout")  # (the test above lets only finite floats by)
         self._check_usable()
+        if self._in_iteration:
+            raise RuntimeError("run_once() called from inside an iteration (a handler or callback)")
         self._in_iteration = True
         try:
             if self._dirty:
@@ -616,6 +618,8 @@ class Loop:
         the final ``_fast.finish()`` (the caller's: a host such as
         fastmux's asyncio loop runs its own callbacks first)."""
         self._check_usable()
+        if self._in_iteration:
+            raise RuntimeError("run_once() called from inside an iteration (a handler or callback)")
         fast = self._fast
         assert fast is not None
         self._in_iteration = True
@@ -959,6 +963,10 @@ class Loop:
         if self._closed:
             return
         self._forked = True
+        if self._fast is not None:
+            # The child must not write into the parent's connections through
+            # the inherited core: writes take the Python path (and stay put).
+            self._fast.detach()
         self._backend.after_fork()
         for s in self._servers.values():
             s._sock.close()

@@ -777,6 +777,12 @@ def test_fork_child_builds_own_loop_parent_unaffected(loop, peers, tmp_path):
                     msgs.append("inherited loop did not raise")
                 except RuntimeError:
                     pass
+            # A write on an inherited connection goes nowhere: not even a big
+            # one, which the parent's loop would send at once.
+            try:
+                fac[0].conn.write(b"from the child" * 2000 + b"\n")
+            except fastmux.ConnectionClosed:
+                pass
             # A new loop works.
             lp = fastmux.Loop(backend=loop.backend)
             cf = Factory(LineEcho)

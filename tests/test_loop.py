@@ -513,3 +513,34 @@ def test_stats(loop, peers):
     p.close()
     run_until(loop, lambda: loop.stats()["connections_open"] == 0)
     assert loop.stats()["accepted"] == 1
+
+
+def test_run_once_refuses_to_nest(loop, peers):
+    """run_once() from a handler or a callback raises RuntimeError (the
+    batch being dispatched must not be replaced under the dispatcher), and
+    the iteration goes on."""
+    errors = []
+
+    class Nest(Recorder):
+        def on_message(self, conn, data):
+            super().on_message(conn, data)
+            try:
+                conn.loop.run_once(0)
+            except RuntimeError as e:
+                errors.append(str(e))
+            conn.write(data)
+
+    fac = Factory(Nest)
+    server = loop.listen(("127.0.0.1", 0), fac)
+    p = peers.connect(server.address)
+    p.send(b"ping")
+
+    def nested_from_callback():
+        try:
+            loop.run_once(0)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    loop.call_soon(nested_from_callback)
+    run_until(loop, lambda: p.received == b"ping", peers=[p])
+    assert len(errors) == 2 and all("inside an iteration" in e for e in errors), errors
