@@ -342,19 +342,47 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
 
     def _get_buffer_and_copy(self, data: bytes) -> None:
-        """BufferedProtocol: hand `data` over through get_buffer/buffer_updated."""
+        """BufferedProtocol: hand `data` over through get_buffer/buffer_updated,
+        one buffer at a time, as asyncio's reads do: an error is reported
+        under the name of the method that raised it, and what buffer_updated
+        does to the transport (close, pause_reading, set_protocol) holds
+        for the rest of `data`, as it would for the next read."""
         proto: Any = self._protocol
         view = memoryview(data)
         while view:
-            buf = memoryview(proto.get_buffer(len(view))).cast("B")
-            if not len(buf):
-                raise RuntimeError("get_buffer() returned an empty buffer")
+            try:
+                buf = memoryview(proto.get_buffer(len(view))).cast("B")
+                if not len(buf):
+                    raise RuntimeError("get_buffer() returned an empty buffer")
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
+                return
             n = min(len(buf), len(view))
             buf[:n] = view[:n]
-            proto.buffer_updated(n)
+            try:
+                proto.buffer_updated(n)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
+                return
             view = view[n:]
-            if self._closing:
+            if not view or self._closing:
                 return  # closed from buffer_updated: the rest is not wanted
+            conn = self._conn
+            if self._paused and conn is not None:
+                # pause_reading() from buffer_updated: the rest waits in the
+                # core (deferred, as the batch's later messages are) until
+                # resume_reading().
+                conn._defer(bytes(view))
+                return
+            if self._protocol is not proto:
+                # set_protocol() from buffer_updated: the rest is the new
+                # protocol's.
+                self._data_received(bytes(view))
+                return
 
     def on_eof(self, conn: Connection) -> Optional[bool]:
         # asyncio's loop reads the EOF with a recv of its own, an iteration
