@@ -540,10 +540,10 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
 
     def _write_py(self, data: Any) -> None:
         if type(data) is not bytes:
-            if not isinstance(data, (bytearray, memoryview)):
+            if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise TypeError(f"data argument must be a bytes-like object, "
                                 f"not {type(data).__name__!r}")
-            data = bytes(data)
+            data = bytes(data)  # (a bytes subclass too: the core takes exact bytes)
         if self._eof:
             raise RuntimeError("Cannot call write() after write_eof()")
         if self._sending_file:
@@ -585,8 +585,16 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
     def writelines(self, list_of_data: Any) -> None:
         if self._eof:
             raise RuntimeError("Cannot call writelines() after write_eof()")
-        for data in list_of_data:
-            self.write(data)
+        # All or nothing, as asyncio's (which joins them first): an item
+        # that is not bytes-like raises before anything is written.
+        items = list_of_data if type(list_of_data) is list else list(list_of_data)
+        for data in items:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise TypeError(f"data argument must be a bytes-like object, "
+                                f"not {type(data).__name__!r}")
+        write = self.write
+        for data in items:
+            write(data)
 
     def write_eof(self) -> None:
         if self._closing or self._eof:
