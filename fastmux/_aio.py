@@ -441,7 +441,8 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
             del loop._transports[fd]
         closed_by_us = self._closing
         self._closing = True
-        self._conn_lost += 1
+        if not self._conn_lost:
+            self._conn_lost = 1  # (close(), abort() or an error may have counted it)
         self._gate()
         drain_waiter = self._drain_waiter
         if drain_waiter is not None and not drain_waiter.done():
@@ -479,7 +480,13 @@ class _StreamTransport(Handler, _FlowControlMixin, asyncio.Transport):  # type: 
         """Queue connection_lost now, as asyncio's close() (with nothing
         left to send), abort() and fatal errors do: after what was queued
         before the call, before what is queued after it.  The core's
-        on_close, at a later poll, then only cleans up."""
+        on_close, at a later poll, then only cleans up.
+
+        As asyncio's close() and _force_close(), this counts the loss
+        (``_conn_lost``): the writes that follow are dropped, and logged from
+        LOG_THRESHOLD_FOR_CONNLOST_WRITES on, counting from here."""
+        if not self._conn_lost:
+            self._conn_lost = 1
         loop = self._aloop
         if (self._lost_scheduled or loop is None or loop.is_closed()
                 or self._waiter is not None or not self._protocol_connected):
