@@ -841,7 +841,7 @@ class Loop:
     def run(self) -> None:
         """Run until ``stop()`` is called."""
         self._check_usable()
-        if self._running:
+        if self._running or self._in_iteration:
             raise RuntimeError("the loop is already running")
         self._running = True
         self._stopping = False

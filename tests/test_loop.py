@@ -287,6 +287,61 @@ def test_close_while_running_raises(loop):
     loop.close()
 
 
+def test_run_once_from_inside_an_iteration_raises(loop, peers):
+    """A handler or callback cannot run the loop it is called from: the
+    batch being dispatched (on the epoll backend, in the C core's memory)
+    would be overwritten by the inner poll -- messages later in the outer
+    batch lost, the inner batch's delivered twice.  The batch goes on."""
+    errors = []
+
+    class Nest(Recorder):
+        def on_message(self, conn, data):
+            super().on_message(conn, data)
+            if data == b"nest":
+                # Bytes for the other connection reach the kernel first, so
+                # an inner poll would have a batch of its own to deliver.
+                other.send(b"x1\nx2\n")
+                try:
+                    loop.run_once(0)
+                except RuntimeError as e:
+                    errors.append(e)
+                loop.call_soon(loop.stop)  # bounds an inner run(), were it allowed
+                try:
+                    loop.run()
+                except RuntimeError as e:
+                    errors.append(e)
+
+    fac = Factory(Nest)
+    server = loop.listen(("127.0.0.1", 0), fac, framing=fastmux.Lines())
+    nest = peers.connect(server.address)
+    run_until(loop, lambda: len(fac.made) == 1)
+    other = peers.connect(server.address)
+    run_until(loop, lambda: len(fac.made) == 2)
+    nest.send(b"nest\na2\na3\n")
+    run_until(loop, lambda: len(fac[0].messages) >= 3 and len(fac[1].messages) >= 2,
+              peers=[nest, other])
+    spin(loop, 3, peers=[nest, other])
+    assert len(errors) == 2, errors
+    assert fac[0].messages == [b"nest", b"a2", b"a3"]
+    assert fac[1].messages == [b"x1", b"x2"]
+    assert not loop.is_running()
+
+    ran = []
+
+    def callback():
+        try:
+            loop.run_once(0)
+        except RuntimeError:
+            ran.append("refused")
+
+    loop.call_soon(callback)
+    loop.run_once(0)
+    assert ran == ["refused"]
+    loop.call_soon(ran.append, "next")
+    loop.run_once(0)  # the loop still runs
+    assert ran == ["refused", "next"]
+
+
 def test_base_exception_leaves_run(loop):
     def interrupt():
         raise KeyboardInterrupt
