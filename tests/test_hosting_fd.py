@@ -130,6 +130,35 @@ def test_write_and_writelines(loop, hosted_conn):
     drive_by_fd(loop, lambda: bytes(peer.received) == b"x\ny\n", "write()/writelines()", [peer])
 
 
+def test_write_after_an_iteration_left_by_a_base_exception(loop):
+    """A KeyboardInterrupt from a handler leaves run_once() half-way: the
+    iteration is over all the same, so a write made after it must wake the
+    host (the C write path once thought it was still inside the iteration,
+    whose end would send it, and stayed silent)."""
+
+    class Interrupting(Recorder):
+        def on_message(self, conn, data):
+            super().on_message(conn, data)
+            if data == b"interrupt":
+                raise KeyboardInterrupt
+
+    loop.fileno()
+    fac = Factory(Interrupting)
+    server = loop.listen(("127.0.0.1", 0), fac, framing=fastmux.Lines())
+    peer = Peer.connect(server.address)
+    try:
+        drive_by_fd(loop, lambda: fac.opened, "accept", [peer])
+        peer.send(b"interrupt\n")
+        with pytest.raises(KeyboardInterrupt):
+            drive_by_fd(loop, lambda: False, "the interrupting message", [peer])
+        settle(loop)
+        fac[0].conn.write(b"after\n")
+        drive_by_fd(loop, lambda: bytes(peer.received) == b"after\n",
+                    "write() after an interrupted iteration", [peer])
+    finally:
+        peer.close()
+
+
 def test_close_flushes_then_runs_on_close(loop, hosted_conn):
     fac, peer, conn = hosted_conn
     conn.write(b"bye\n")
