@@ -102,7 +102,7 @@ typedef struct {
 
 static int core_live(CoreObject *self)
 {
-    if (self->loop != NULL)
+    if (self->loop != NULL && self->conns != NULL)
         return 1;
     PyErr_SetString(PyExc_RuntimeError, "fastmux: the loop is closed");
     return 0;
@@ -227,27 +227,36 @@ static PyObject *deliver_one(PyObject *conn, const char *p, Py_ssize_t len)
         }
         deliver = s->deliver;
         closed = s->closed;
+        if (!deliver && closed)
+            Py_RETURN_NONE;
+        data = PyBytes_FromStringAndSize(p, len);
+        if (data == NULL)
+            return NULL;
     } else {
-        PyObject *flag = PyObject_GetAttr(conn, s_deliver);
-        if (flag == NULL)
+        /* The getattrs below can run Python code, which may poll the loop
+         * and so move or overwrite the arena `p` points into: copy first. */
+        PyObject *flag;
+        data = PyBytes_FromStringAndSize(p, len);
+        if (data == NULL)
             return NULL;
-        deliver = PyObject_IsTrue(flag);
-        Py_DECREF(flag);
-        if (deliver < 0)
+        flag = PyObject_GetAttr(conn, s_deliver);
+        deliver = flag == NULL ? -1 : PyObject_IsTrue(flag);
+        Py_XDECREF(flag);
+        closed = 0;
+        if (deliver == 0) {
+            flag = PyObject_GetAttr(conn, s_closed);
+            closed = flag == NULL ? -1 : PyObject_IsTrue(flag);
+            Py_XDECREF(flag);
+        }
+        if (deliver < 0 || closed < 0) {
+            Py_DECREF(data);
             return NULL;
-        flag = PyObject_GetAttr(conn, s_closed);
-        if (flag == NULL)
-            return NULL;
-        closed = PyObject_IsTrue(flag);
-        Py_DECREF(flag);
-        if (closed < 0)
-            return NULL;
+        }
+        if (!deliver && closed) {
+            Py_DECREF(data);
+            Py_RETURN_NONE;
+        }
     }
-    if (!deliver && closed)
-        Py_RETURN_NONE;
-    data = PyBytes_FromStringAndSize(p, len);
-    if (data == NULL)
-        return NULL;
     if (deliver) {
         PyObject *om = PyObject_GetAttr(conn, s_on_message);
         r = om == NULL ? NULL : call2(om, conn, data);
@@ -287,6 +296,10 @@ static Py_ssize_t core_run(CoreObject *self, Py_ssize_t i, PyObject **exc)
         if (r == NULL)
             return handler_failed(exc) < 0 ? -1 : i + 1;
         Py_DECREF(r);
+        /* The handler ran Python code: if that closed the loop, b points
+         * into freed memory -- stop. */
+        if (!core_live(self))
+            return -1;
     }
     return i;
 }
@@ -361,6 +374,10 @@ static PyObject *core_dispatch(PyObject *op, PyObject *arg)
     PyObject *exc;
     if (i == -1 && PyErr_Occurred())
         return NULL;
+    if (i < 0) {
+        PyErr_SetString(PyExc_IndexError, "event index out of range");
+        return NULL;
+    }
     j = core_run((CoreObject *)op, i, &exc);
     return run_result(j, exc);
 }
@@ -508,8 +525,10 @@ static int stream_write1(StreamObject *s, PyObject *data)
         if (data == NULL)
             return -1;
     }
-    len = PyBytes_Size(data);
-    if (len > 0) {
+    len = PyBytes_Size(data); /* check_bytes returned something else: -1 */
+    if (len < 0) {
+        rc = -1;
+    } else if (len > 0) {
         CoreObject *core = s->core;
         if (core != NULL && core->loop != NULL && s->cid >= 0) {
             s->queued = (long long)core->api->queue(core->loop, s->cid,
@@ -517,15 +536,22 @@ static int stream_write1(StreamObject *s, PyObject *data)
         } else if (s->wbuf == NULL) {
             PyErr_SetString(PyExc_AttributeError, "_wbuf");
             rc = -1;
+        } else if (!PyList_Check(s->wbuf)) {
+            PyErr_SetString(PyExc_TypeError, "_wbuf must be a list");
+            rc = -1;
         } else {
-            if (PyList_Size(s->wbuf) == 0) {
+            /* Our own reference: _mark_dirty runs Python code. */
+            PyObject *wbuf = s->wbuf;
+            Py_INCREF(wbuf);
+            if (PyList_Size(wbuf) == 0) {
                 PyObject *r = PyObject_CallMethodObjArgs((PyObject *)s, s_mark_dirty, NULL);
                 if (r == NULL)
                     rc = -1;
                 Py_XDECREF(r);
             }
             if (rc == 0)
-                rc = PyList_Append(s->wbuf, data);
+                rc = PyList_Append(wbuf, data);
+            Py_DECREF(wbuf);
         }
     }
     Py_DECREF(data);
@@ -600,13 +626,15 @@ static PyObject *stream_twrite(PyObject *op, PyObject *data)
 static PyObject *stream_bind(PyObject *op, PyObject *core)
 {
     StreamObject *s = (StreamObject *)op;
+    CoreObject *old = s->core;
     if (core != Py_None && !PyObject_TypeCheck(core, s_core_type)) {
         PyErr_SetString(PyExc_TypeError, "_bind: a Core or None");
         return NULL;
     }
-    Py_XDECREF(s->core);
+    /* Set, then release the old one: its release can run Python code. */
     s->core = core == Py_None ? NULL : (CoreObject *)core;
     Py_XINCREF(s->core);
+    Py_XDECREF(old);
     Py_RETURN_NONE;
 }
 
