@@ -4,6 +4,7 @@ half-close, reset, abort/close, backpressure, pause/resume, writes, info."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 
@@ -22,7 +23,7 @@ from support import (
 )
 
 import fastmux
-from fastmux._constants import READ_BUDGET
+from fastmux._constants import READ_BUDGET, SEND_NOW
 
 LOCAL = ("127.0.0.1", 0)
 
@@ -261,6 +262,70 @@ def test_peer_reset_with_queued_output(loop, peers):
     p.reset()
     run_until(loop, lambda: h.closed)
     h.assert_closed_once(OSError)  # ECONNRESET or EPIPE, whichever the kernel reports
+
+
+class _Interleaver(Recorder):
+    """Writes a seeded mix of small writes (held for the iteration's end)
+    and big ones (sent at once behind them) through a small send buffer."""
+
+    SIZES = (1, 100, 1, 100, 5000, SEND_NOW - 1, SEND_NOW, SEND_NOW + 1, 40000, 200000)
+
+    def on_open(self, conn):
+        super().on_open(conn)
+        set_sockopt_on_fd(conn.fileno(), socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        self.sent = bytearray()
+        self.port = conn.peername[1]
+
+    def burst(self, rng):
+        for _ in range(rng.choice((1, 2, 4, 12))):
+            n = rng.choice(self.SIZES)
+            data = bytes([len(self.sent) % 251]) * n
+            how = rng.randrange(3)
+            if how == 0:
+                self.conn.write(data)
+            elif how == 1:
+                self.conn.write(bytearray(data))
+            else:
+                self.conn.writelines([data[: n // 3], memoryview(data)[n // 3:]])
+            self.sent += data
+
+
+def test_small_and_big_writes_interleaved_arrive_byte_exact(loop, peers):
+    """Small writes coalesce until the iteration ends; a write of SEND_NOW
+    bytes or more goes at once, behind them, in one sendmsg.  With a send
+    buffer that keeps filling, a slowly reading peer must still receive
+    exactly what was written, in order."""
+    rng = random.Random(1234)
+    fac = Factory(_Interleaver)
+    server = loop.listen(LOCAL, fac)
+    ps = [peers.connect(server.address, rcvbuf=rcv) for rcv in (4096, 16384, 65536, 1 << 20)]
+    run_until(loop, lambda: len(fac.made) == len(ps))
+    deadline = time.monotonic() + DEADLINE
+    while any(len(h.sent) < 1_500_000 for h in fac.made):
+        assert time.monotonic() < deadline, "timed out writing"
+        for h in fac.made:
+            # Mostly wait for the queue to empty: a burst's small writes are
+            # then held for the end of the iteration and its big write meets
+            # them and a send buffer already part full (sent whole, in part,
+            # only some of the held bytes, or not at all).
+            if len(h.sent) < 1_500_000 and (h.conn.write_buffer_size == 0 or
+                                            rng.random() < 0.05):
+                h.burst(rng)
+        loop.run_once(0)
+        for p in ps:
+            if rng.random() < 0.5:
+                p.step()
+    for h in fac.made:
+        h.conn.close()
+    run_until(loop, lambda: all(p.done for p in ps) and all(h.closed for h in fac.made),
+              peers=ps)
+    by_port = {h.port: h for h in fac.made}
+    for p in ps:
+        h = by_port[p.sock.getsockname()[1]]
+        assert p.error is None and p.eof
+        assert len(p.received) == len(h.sent)
+        assert p.received == h.sent
+        h.assert_closed_once(None)
 
 
 # --- abort and close ------------------------------------------------------------
