@@ -598,7 +598,11 @@ static PyObject *stream_twrite(PyObject *op, PyObject *data)
             PyErr_SetString(PyExc_RuntimeError, "fastmux: _twrite without a transport");
             return NULL;
         }
-        return PyObject_CallFunctionObjArgs(s->tw_slow, data, NULL);
+        PyObject *slow = s->tw_slow, *r2;
+        Py_INCREF(slow); /* the call may replace it */
+        r2 = PyObject_CallFunctionObjArgs(slow, data, NULL);
+        Py_DECREF(slow);
+        return r2;
     }
     len = PyBytes_Size(data);
     if (len == 0)

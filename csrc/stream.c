@@ -644,8 +644,6 @@ static ssize_t fm__send_now(fm_loop *loop, fm_conn *c, const char *data, size_t 
     ssize_t n;
     int k = 0;
 
-    if (len > FM_IO_MAX - queued)
-        len = FM_IO_MAX - queued; /* the rest is copied; the next send takes it */
     if (queued > 0) {
         iov[k].iov_base = c->out.p + c->out.off;
         iov[k++].iov_len = queued;
@@ -693,7 +691,10 @@ int64_t fm_queue(fm_loop *loop, int cid, const char *data, size_t len)
     /* Output the kernel refused earlier waits for EPOLLOUT (and a connect in
      * progress for its completion): new bytes go behind it. */
     waiting = (c->flags & FM_C_CONNECTING) || (c->out.len > 0 && !(c->flags & FM_C_DIRTY));
-    if (len >= FM_SEND_NOW && !waiting) {
+    /* (Not past what one syscall takes: a send of all it was offered must
+     * mean the kernel has room, else nothing would flush the rest.) */
+    if (len >= FM_SEND_NOW && !waiting && c->out.len < FM_IO_MAX &&
+        len <= FM_IO_MAX - c->out.len) {
         ssize_t n = fm__send_now(loop, c, data, len);
         if (n < 0)
             return n;
