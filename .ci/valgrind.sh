@@ -15,7 +15,8 @@ command -v valgrind >/dev/null || { echo "valgrind.sh: valgrind is not installed
 # second document to the same file.
 xmldir=$(mktemp -d)
 trap 'rm -rf "$xmldir"' EXIT
-subset=(tests/test_echo.py tests/test_connection.py tests/test_framing_io.py -k epoll)
+subset=(tests/test_echo.py tests/test_connection.py tests/test_framing_io.py tests/test_speedups.py
+        tests/test_write_path.py -k epoll)
 set +e
 PYTHONMALLOC=malloc FASTMUX_EXPECT_BACKEND=epoll valgrind --tool=memcheck \
   --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite \
