@@ -145,14 +145,20 @@ static int core_clear(PyObject *op)
     return 0;
 }
 
-static void core_dealloc(PyObject *op)
+/* tp_dealloc of both heap types: untrack, clear, free, release the type. */
+static void gc_dealloc(PyObject *op, inquiry clear)
 {
     PyTypeObject *tp = Py_TYPE(op);
     freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     PyObject_GC_UnTrack(op);
-    core_clear(op);
+    clear(op);
     tp_free(op);
     Py_DECREF(tp);
+}
+
+static void core_dealloc(PyObject *op)
+{
+    gc_dealloc(op, core_clear);
 }
 
 /* A handler raised an Exception: fetch it (as a new reference) so that
@@ -488,12 +494,7 @@ static int stream_clear(PyObject *op)
 
 static void stream_dealloc(PyObject *op)
 {
-    PyTypeObject *tp = Py_TYPE(op);
-    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
-    PyObject_GC_UnTrack(op);
-    stream_clear(op);
-    tp_free(op);
-    Py_DECREF(tp);
+    gc_dealloc(op, stream_clear);
 }
 
 static PyObject *stream_new(PyTypeObject *type, PyObject *args, PyObject *kwds)

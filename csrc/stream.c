@@ -564,6 +564,22 @@ static int fm__flush(fm_loop *loop, fm_conn *c)
     return 0;
 }
 
+/* After output was queued outside a poll: past max_write_buffer the
+ * connection dies; at or below the low watermark a DRAIN it is owed goes
+ * through the ready list.  Returns the bytes held, or -ENOBUFS. */
+static int64_t fm__queued_checks(fm_loop *loop, fm_conn *c)
+{
+    if (c->max_wbuf > 0 && c->out.len > c->max_wbuf) {
+        fm__conn_kill(loop, c, 0, FM_R_WBUFFULL);
+        return -ENOBUFS;
+    }
+    if ((c->flags & FM_C_WANT_DRAIN) && c->out.len <= c->low) {
+        c->flags |= FM_C_DRAIN_DUE;
+        fm__ready_push(loop, c);
+    }
+    return (int64_t)c->out.len;
+}
+
 int64_t fm_send(fm_loop *loop, int cid, const char *data, size_t len)
 {
     fm_conn *c = fm__conn_get(loop, cid);
@@ -596,15 +612,7 @@ int64_t fm_send(fm_loop *loop, int cid, const char *data, size_t len)
     }
     memcpy(c->out.p + c->out.off + c->out.len, data + done, len - done);
     c->out.len += len - done;
-    if (c->max_wbuf > 0 && c->out.len > c->max_wbuf) {
-        fm__conn_kill(loop, c, 0, FM_R_WBUFFULL);
-        return -ENOBUFS;
-    }
-    if ((c->flags & FM_C_WANT_DRAIN) && c->out.len <= c->low) {
-        c->flags |= FM_C_DRAIN_DUE;
-        fm__ready_push(loop, c);
-    }
-    return (int64_t)c->out.len;
+    return fm__queued_checks(loop, c);
 }
 
 /* ---- queued writes (the C Connection's path) --------------------------- */
@@ -622,15 +630,7 @@ static int fm__send_queued(fm_loop *loop, fm_conn *c)
     if (rc < 0)
         return rc;
     fm__buf_consume(&c->out, sent);
-    if (c->max_wbuf > 0 && c->out.len > c->max_wbuf) {
-        fm__conn_kill(loop, c, 0, FM_R_WBUFFULL);
-        return -ENOBUFS;
-    }
-    if ((c->flags & FM_C_WANT_DRAIN) && c->out.len <= c->low) {
-        c->flags |= FM_C_DRAIN_DUE;
-        fm__ready_push(loop, c);
-    }
-    return 0;
+    return fm__queued_checks(loop, c) < 0 ? -ENOBUFS : 0;
 }
 
 /* A big write goes now, behind what was queued before it: one sendmsg over
@@ -712,15 +712,7 @@ int64_t fm_queue(fm_loop *loop, int cid, const char *data, size_t len)
     }
     if (waiting || done == len) {
         /* Nothing for fm_flush: fm_send()'s checks apply now. */
-        if (c->max_wbuf > 0 && c->out.len > c->max_wbuf) {
-            fm__conn_kill(loop, c, 0, FM_R_WBUFFULL);
-            return -ENOBUFS;
-        }
-        if ((c->flags & FM_C_WANT_DRAIN) && c->out.len <= c->low) {
-            c->flags |= FM_C_DRAIN_DUE;
-            fm__ready_push(loop, c);
-        }
-        return (int64_t)c->out.len;
+        return fm__queued_checks(loop, c);
     }
     if (!(c->flags & FM_C_DIRTY)) {
         if (loop->ndirty == loop->dirty_cap) {

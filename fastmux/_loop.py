@@ -580,13 +580,7 @@ class Loop:
                     timeout = due
             fast = self._fast
             if fast is not None:
-                self._in_batch = True
-                try:
-                    ran, j, exc = fast.iterate(timeout)
-                    if j < ran or exc is not None:
-                        self._dispatch_fast(fast, ran, j, exc)
-                finally:
-                    self._end_batch()
+                ran = self._iterate_fast(fast, timeout)
             else:
                 n, ev, blob = self._backend.poll(timeout)
                 ran = n
@@ -623,6 +617,14 @@ class Loop:
         fast = self._fast
         assert fast is not None
         self._in_iteration = True
+        try:
+            self._iterate_fast(fast, timeout)
+        finally:
+            self._in_iteration = False
+
+    def _iterate_fast(self, fast: FastPath, timeout: Optional[float]) -> int:
+        """Steps 1-4 of run_once on the fast path: send what was queued,
+        poll, dispatch the batch.  Returns the number of events."""
         self._in_batch = True
         try:
             n, j, exc = fast.iterate(timeout)
@@ -630,7 +632,7 @@ class Loop:
                 self._dispatch_fast(fast, n, j, exc)
         finally:
             self._end_batch()
-            self._in_iteration = False
+        return n
 
     def _dispatch(self, ev: Any, blob: bytes) -> None:
         conns = self._conns
